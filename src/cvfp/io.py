@@ -1,0 +1,135 @@
+"""Files: atomic writes, content hashes, and tensor files that detect their own corruption.
+
+Every output is written to a temporary name in the same folder and renamed, so a killed or
+failing stage never leaves a half-written file behind. Tensor files are safetensors with
+a sidecar-free integrity check: the sha256 of the tensors is stored in the file's metadata
+and verified on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class ArtifactError(RuntimeError):
+    """An input artifact is missing, corrupted or stale; the message names the file and the stage to rerun."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    write_text(path, json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def read_json(path: str | Path, stage: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; run the '{stage}' stage (dvc repro {stage})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path}: corrupted JSON ({err}); rerun the '{stage}' stage (dvc repro -f {stage})") from None
+
+
+def tensor_digest(tensors: dict[str, Any]) -> str:
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_tensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """Save CPU tensors with safetensors, atomically, recording their sha256 in the metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    meta = dict(metadata or {})
+    meta["sha256"] = tensor_digest(tensors)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_tensors(path: str | Path, stage: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Load a file written by `save_tensors`; a truncated or bit-flipped file is an ArtifactError."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; run the '{stage}' stage (dvc repro {stage})")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = dict(handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as err:  # safetensors raises several types for a damaged header/body
+        raise ArtifactError(f"{path}: unreadable or truncated ({err}); rerun the '{stage}' stage (dvc repro -f {stage})") from None
+    if meta.get("sha256") != tensor_digest(tensors):
+        raise ArtifactError(f"{path}: content hash mismatch (file corrupted); rerun the '{stage}' stage (dvc repro -f {stage})")
+    return tensors, meta
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """torch.save a dict holding `state_dict` (plus plain values), atomically, with the weights' sha256."""
+    import torch
+
+    payload = dict(payload)
+    payload["state_dict"] = {k: v.detach().cpu() for k, v in payload["state_dict"].items()}
+    payload["sha256"] = tensor_digest(payload["state_dict"])
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path, stage: str) -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True` (nothing is unpickled) and verify its weights' hash."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; run the '{stage}' stage (dvc repro {stage})")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle opcode, ...
+        raise ArtifactError(f"{path}: unreadable checkpoint ({type(err).__name__}); rerun the '{stage}' stage (dvc repro -f {stage})") from None
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        raise ArtifactError(f"{path}: not a cvfp checkpoint; rerun the '{stage}' stage (dvc repro -f {stage})")
+    if payload.get("sha256") != tensor_digest(payload["state_dict"]):
+        raise ArtifactError(f"{path}: weights hash mismatch (file corrupted); rerun the '{stage}' stage (dvc repro -f {stage})")
+    return payload

@@ -1,0 +1,332 @@
+"""Numbers about contexts and predictions, and how they are printed (always with denominators).
+
+A `scan_fn` below is any callable `scan_fn(model, embeddings, initial=None, with_token_out=False)`
+with the return convention of `CVFPModel.scan`; `model_scan` is the reference one.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+HEAD_BATCH = 4096  # positions per head evaluation in evaluate_free: bounds the (batch, V) logits in memory
+# token_sensitivity is relative to the output norm; a token-blind step differs only by float32
+# rounding (~1e-7 relative), any real dependence on the token is orders of magnitude above this
+TOKEN_SENSITIVITY_TOLERANCE = 1e-4
+TINY = 1e-30  # floor for norms in power iteration so a zero J v gives a radius ~0, not a NaN
+
+CONVERGING, CONVERGED, DIVERGING, UNSTABLE = "CONVERGING", "CONVERGED", "DIVERGING", "UNSTABLE"
+
+
+def effective_rank(matrix: torch.Tensor, samples: int = 0, seed: int = 0) -> float:
+    """exp(entropy of the normalised singular values) of a (N, D) matrix, in [1, min(N, D)].
+
+    With `samples` > 0 and N larger, a seeded random subset of rows is used (SVD of the full
+    matrix is the cost that grows with N; the rank of D-dim rows saturates well before N).
+    """
+    matrix = matrix.detach().float()
+    if not bool(torch.isfinite(matrix).all()):  # a diverged matrix has no rank to speak of
+        return 0.0
+    singular = torch.linalg.svdvals(sample_rows(matrix, samples, seed).double())
+    total = singular.sum()
+    if not torch.isfinite(total) or total <= 0:
+        return 0.0
+    p = singular / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def sample_rows(matrix: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
+    """A seeded subset of `samples` rows of (N, D), in their original order; all rows when samples is 0 or >= N."""
+    if samples and matrix.shape[0] > samples:
+        generator = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(matrix.shape[0], generator=generator)[:samples].sort().values
+        return matrix[rows.to(matrix.device)]
+    return matrix
+
+
+def convergence(contexts: torch.Tensor, previous: torch.Tensor, threshold: float) -> tuple[int, float]:
+    """Tokens whose mean squared change over dimensions is below `threshold`: (count, rate)."""
+    per_token = (contexts.float() - previous.float()).pow(2).mean(dim=-1)
+    converged = int((per_token < threshold).sum())
+    return converged, converged / max(contexts.shape[0], 1)
+
+
+def relative_residual(contexts: torch.Tensor, previous: torch.Tensor) -> float:
+    """||c^k - c^(k-1)|| / ||c^k|| (the deep-equilibrium-model convention)."""
+    norm = float(contexts.float().norm())
+    return float((contexts.float() - previous.float()).norm()) / norm if norm > 0 else math.inf
+
+
+def format_rank(value: float, dim: int) -> str:
+    """`612.52/768 (79.8%)`"""
+    return f"{value:.2f}/{dim} ({100.0 * value / dim:.1f}%)"
+
+
+def format_rate(count: int, total: int) -> str:
+    """`30.0% (1923/6400)`"""
+    return f"{100.0 * count / max(total, 1):.1f}% ({count}/{total})"
+
+
+def bits_per_byte(total_nats: float, num_bytes: int) -> float:
+    """Tokenizer-independent loss: total cross-entropy in nats / (ln 2 * UTF-8 bytes)."""
+    return total_nats / (math.log(2) * num_bytes)
+
+
+def singular_spectrum(matrix: torch.Tensor, samples: int = 0, seed: int = 0) -> torch.Tensor:
+    """Normalised singular values sigma_i / sum(sigma) of (N, D), descending, (min(N, D),) float64.
+
+    The same rows as `effective_rank(matrix, samples, seed)`; empty for a non-finite or zero matrix.
+    """
+    matrix = matrix.detach().float()
+    if not bool(torch.isfinite(matrix).all()):
+        return torch.empty(0, dtype=torch.float64)
+    singular = torch.linalg.svdvals(sample_rows(matrix, samples, seed).double()).cpu()
+    total = singular.sum()
+    return singular / total if total > 0 else torch.empty(0, dtype=torch.float64)
+
+
+def next_token_metrics(counts: dict[str, Any], num_bytes: int) -> dict[str, Any]:
+    """Loss (nats/token), perplexity, top-1 accuracy and bits per byte from summed counts.
+
+    `counts` is dict(total_nats, tokens, correct) as returned by evaluate_free / evaluate_fixed.
+    """
+    loss = counts["total_nats"] / counts["tokens"]
+    try:
+        ppl = math.exp(loss)
+    except OverflowError:  # a diverged free run; JSON writers turn inf into null
+        ppl = math.inf
+    return {"val_loss": loss, "val_ppl": ppl, "val_acc": counts["correct"] / counts["tokens"],
+            "val_bpb": bits_per_byte(counts["total_nats"], num_bytes), "total_nats": counts["total_nats"],
+            "tokens": counts["tokens"], "correct": counts["correct"]}
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def model_scan(model, embeddings: torch.Tensor, initial: torch.Tensor | None = None, with_token_out: bool = False):
+    """The reference scan_fn: `model.scan` (exact sequential pass c_t = F(c_{t-1}, e_t))."""
+    return model.scan(embeddings, initial=initial, with_token_out=with_token_out)
+
+
+@torch.no_grad()
+def next_token_counts(model, contexts: torch.Tensor, token_outs: torch.Tensor, ids: torch.Tensor,
+                      batch_size: int = HEAD_BATCH) -> dict[str, Any]:
+    """Head on step outputs: logits_t = head(contexts[t], token_outs[t]) predicts ids[t+1].
+
+    contexts (N, C), token_outs (N, E), ids (N,). Sums over the N-1 predicted positions:
+    dict(total_nats (summed cross-entropy), tokens (N-1), correct (top-1 hits)).
+    """
+    targets = ids[1:].to(contexts.device)
+    contexts, token_outs = contexts[:-1], token_outs[:-1]  # the last position has nothing to predict
+    total_nats, correct = 0.0, 0
+    for start in range(0, targets.shape[0], batch_size):
+        stop = start + batch_size
+        logits = model.logits(contexts[start:stop], token_outs[start:stop]).float()
+        total_nats += float(F.cross_entropy(logits, targets[start:stop], reduction="sum").double())
+        correct += int((logits.argmax(dim=-1) == targets[start:stop]).sum())
+    return {"total_nats": total_nats, "tokens": int(targets.shape[0]), "correct": correct}
+
+
+@torch.no_grad()
+def evaluate_free(model, ids: torch.Tensor, scan_fn: Callable | None = None,
+                  batch_size: int = HEAD_BATCH) -> dict[str, Any]:
+    """Free-running next-token evaluation: one sequential scan from c = 0 over ids (N,).
+
+    The contexts are the model's own (never C*), as the model would be used. Returns
+    dict(total_nats, tokens, correct) over the N-1 predicted positions.
+    """
+    scan_fn = scan_fn or model_scan
+    ids = ids.to(_device(model))
+    contexts, token_outs = scan_fn(model, model.embed(ids), with_token_out=True)
+    return next_token_counts(model, contexts, token_outs, ids, batch_size)
+
+
+def _pairwise_means(rows: torch.Tensor) -> tuple[float, float]:
+    """Mean cosine and mean Euclidean distance over distinct pairs of rows (M, D)."""
+    m = rows.shape[0]
+    if m < 2:  # a single point is trivially collapsed
+        return 1.0, 0.0
+    rows = rows.double()
+    unit = F.normalize(rows, dim=-1)
+    cosine = unit @ unit.T
+    distance = torch.cdist(rows, rows)
+    pairs = m * (m - 1)
+    return float((cosine.sum() - cosine.diagonal().sum()) / pairs), float(distance.sum() / pairs)
+
+
+def context_health(contexts: torch.Tensor, params, seed: int = 0) -> dict[str, Any]:
+    """Effective rank and collapse flags of a context matrix (N, C) (SPEC 7, check 1).
+
+    `params` is the `evaluate` section (effective_rank_samples, pairwise_samples,
+    attractor_cosine, attractor_distance, zero_norm). Global attractor: every context near one
+    point (mean pairwise cosine > attractor_cosine and mean pairwise distance <
+    attractor_distance, on a seeded sample of rows). Zero solution: mean norm < zero_norm.
+    """
+    contexts = contexts.detach().float()
+    dim = contexts.shape[1]
+    rank = effective_rank(contexts, params.effective_rank_samples, seed)
+    cosine, distance = _pairwise_means(sample_rows(contexts, params.pairwise_samples, seed))
+    mean_norm = float(contexts.norm(dim=-1).mean())
+    return {
+        "effective_rank": rank, "effective_rank_ratio": rank / dim, "dim": dim, "rows": int(contexts.shape[0]),
+        "mean_norm": mean_norm, "mean_pairwise_cosine": cosine, "mean_pairwise_distance": distance,
+        "global_attractor": cosine > params.attractor_cosine and distance < params.attractor_distance,
+        "zero_solution": mean_norm < params.zero_norm,
+    }
+
+
+def _step_inputs(contexts: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Input context of token t: contexts[t-1], zero for t = 0. contexts (N, C), positions (S,) -> (S, C)."""
+    padded = torch.cat([contexts.new_zeros(1, contexts.shape[1]), contexts])
+    return padded[positions]
+
+
+def _positions(n: int, samples: int, generator: torch.Generator) -> torch.Tensor:
+    """`samples` seeded positions t in [1, N) (t >= 1 so the input context is a data context)."""
+    low = 1 if n > 1 else 0
+    return torch.randint(low, n, (samples,), generator=generator)
+
+
+@torch.no_grad()
+def identity_check(model, data_contexts: torch.Tensor, data_embeddings: torch.Tensor, samples: int,
+                   threshold: float, zero_norm: float, seed: int = 0) -> dict[str, Any]:
+    """Is the context update more than the identity? (SPEC 7, check 2)
+
+    data_contexts (N, C) are a context trajectory (e.g. C*) and data_embeddings (N, E) its
+    token embeddings; pair t is (data_contexts[t-1], data_embeddings[t]). Random pairs use
+    standard-normal contexts rescaled to the data's mean norm (the model's typical scale,
+    so LayerNorm sees inputs like its real ones) and the embeddings of random token ids.
+    Token sensitivity: mean ||F(c, e_a) - F(c, e_b)|| / mean ||F(c, .)|| for two different
+    random tokens a != b from the same data context c.
+    Passed: mean norm > zero_norm, both mean step cosines < threshold, token_sensitivity >
+    TOKEN_SENSITIVITY_TOLERANCE.
+    """
+    device = _device(model)
+    generator = torch.Generator().manual_seed(seed)
+    contexts = data_contexts.detach().float().to(device)
+    embeddings = data_embeddings.detach().float().to(device)
+    dim, vocab = contexts.shape[1], model.args.vocab_size
+    mean_norm = float(contexts.norm(dim=-1).mean())
+
+    positions = _positions(contexts.shape[0], samples, generator).to(device)
+    inputs = _step_inputs(contexts, positions)
+    outputs = model.step(inputs, embeddings[positions])[0]
+    cosine_data = float(F.cosine_similarity(inputs, outputs, dim=-1).mean())
+
+    random_contexts = F.normalize(torch.randn(samples, dim, generator=generator), dim=-1).to(device) * mean_norm
+    random_ids = torch.randint(0, vocab, (samples,), generator=generator).to(device)
+    random_outputs = model.step(random_contexts, model.embed(random_ids))[0]
+    cosine_random = float(F.cosine_similarity(random_contexts, random_outputs, dim=-1).mean())
+
+    # b = a + offset (mod V) with offset in [1, V): always a different token
+    other_ids = (random_ids + torch.randint(1, vocab, (samples,), generator=generator).to(device)) % vocab
+    out_a = model.step(inputs, model.embed(random_ids))[0]
+    out_b = model.step(inputs, model.embed(other_ids))[0]
+    scale = 0.5 * float(out_a.norm(dim=-1).mean() + out_b.norm(dim=-1).mean())
+    sensitivity = float((out_a - out_b).norm(dim=-1).mean()) / scale if scale > 0 else 0.0
+
+    passed = (mean_norm > zero_norm and cosine_data < threshold and cosine_random < threshold
+              and sensitivity > TOKEN_SENSITIVITY_TOLERANCE)
+    return {"mean_context_norm": mean_norm, "mean_step_cosine": cosine_data,
+            "mean_step_cosine_random": cosine_random, "token_sensitivity": sensitivity,
+            "samples": samples, "passed": bool(passed)}
+
+
+def linear_slope(values: list[float]) -> float:
+    """Least-squares slope of values against their index (0.0 for fewer than two values)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    x_mean, y_mean = (n - 1) / 2, sum(values) / n
+    num = sum((i - x_mean) * (y - y_mean) for i, y in enumerate(values))
+    den = sum((i - x_mean) ** 2 for i in range(n))
+    return num / den
+
+
+def convergence_verdict(mses: list[float], slope_threshold: float, std_threshold: float) -> str:
+    """The original check_val_convergence rule on the recorded trial MSEs.
+
+    slope of a least-squares line through the MSEs vs trial index; std is the population std.
+    CONVERGING: slope < -t. CONVERGED: |slope| < t and std < std_threshold. DIVERGING:
+    slope > t. UNSTABLE: anything else.
+    """
+    slope = linear_slope(mses)
+    std = statistics.pstdev(mses) if mses else 0.0
+    if slope < -slope_threshold:
+        return CONVERGING
+    if abs(slope) < slope_threshold and std < std_threshold:
+        return CONVERGED
+    if slope > slope_threshold:
+        return DIVERGING
+    return UNSTABLE
+
+
+@torch.no_grad()
+def convergence_check(model, embeddings: torch.Tensor, num_trials: int, scan_fn: Callable | None,
+                      thresholds) -> dict[str, Any]:
+    """Repeated full sequential scans of one stream with no updates (SPEC 7, check 3).
+
+    embeddings (N, E). Trial 1 starts from c = 0; each later trial starts from the previous
+    trial's last context (carry-over). trial_mse[k] is the MSE of trial k+2's contexts against
+    trial k+1's. `thresholds` has final_diff_threshold, slope_threshold, std_threshold (the
+    `evaluate` params section).
+    """
+    scan_fn = scan_fn or model_scan
+    previous, mses = None, []
+    for _ in range(num_trials):
+        initial = None if previous is None else previous[-1]
+        contexts = scan_fn(model, embeddings, initial=initial)
+        if previous is not None:
+            mses.append(float((contexts.float() - previous.float()).pow(2).mean()))
+        previous = contexts
+    final_diff = mses[-1] if mses else math.inf
+    return {"trial_mse": mses, "final_diff": final_diff, "passed": bool(final_diff < thresholds.final_diff_threshold),
+            "slope": linear_slope(mses), "std": statistics.pstdev(mses) if mses else 0.0,
+            "verdict": convergence_verdict(mses, thresholds.slope_threshold, thresholds.std_threshold),
+            "num_trials": num_trials}
+
+
+@torch.no_grad()  # forward-mode tangents of torch.func.jvp are unaffected; no reverse graph is built
+def contraction_estimate(model, contexts: torch.Tensor, embeddings: torch.Tensor, samples: int,
+                         iterations: int, seed: int = 0) -> dict[str, Any]:
+    """Spectral radius of J_t = dc_t/dc_{t-1} at sampled positions of a trajectory (SPEC 7, check 4).
+
+    contexts (N, C) is the trajectory the model runs along (J_t is taken at c = contexts[t-1]),
+    embeddings (N, E) its tokens. Power iteration with Jacobian-vector products (forward mode,
+    torch.func.jvp; all samples in one batched call, since the step acts on each row alone).
+    Estimate: the geometric mean of the growth factors ||J v_k|| of the normalised iterates
+    over the second half of the iterations, i.e. (||J^k v|| / ||J^(k/2) v||)^(2/k) - a Gelfand
+    estimate with the first half as burn-in; unlike the last Rayleigh-type ratio it does not
+    oscillate when the dominant eigenvalues are a complex pair.
+    """
+    device = _device(model)
+    generator = torch.Generator().manual_seed(seed)
+    contexts = contexts.detach().float().to(device)
+    embeddings = embeddings.detach().float().to(device)
+    positions = _positions(contexts.shape[0], samples, generator).to(device)
+    inputs, tokens = _step_inputs(contexts, positions), embeddings[positions]
+    vector = F.normalize(torch.randn(samples, contexts.shape[1], generator=generator), dim=-1).to(device)
+
+    def step_context(c: torch.Tensor) -> torch.Tensor:
+        return model.step(c, tokens)[0]
+
+    burn_in = iterations // 2
+    log_growth = torch.zeros(samples, dtype=torch.float64, device=device)
+    for k in range(iterations):
+        _, image = torch.func.jvp(step_context, (inputs,), (vector,))
+        norm = image.norm(dim=-1, keepdim=True).clamp_min(TINY)
+        if k >= burn_in:
+            log_growth += norm.squeeze(-1).double().log()
+        vector = (image / norm).detach()
+    radius = (log_growth / (iterations - burn_in)).exp().cpu()
+    above = int((radius > 1).sum())
+    return {"mean": float(radius.mean()), "max": float(radius.max()), "min": float(radius.min()),
+            "above_one": above, "fraction_above_one": above / samples, "samples": samples,
+            "iterations": iterations}

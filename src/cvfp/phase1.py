@@ -1,0 +1,282 @@
+"""Phase 1: learn the context update alone, so contexts become fixed points (SPEC section 4).
+
+Iteration 0 is an exact sequential scan from c = 0 (no update). Every later iteration is a
+parallel (Jacobi) step: token t's input context is the previous iteration's c_{t-1}, and
+token 0 takes the previous iteration's *last* context (carry-over, never a reset to zero).
+
+Chunking without changing the maths: the losses (raw-MSE CVFP term, diversity term) are
+functions of the whole context matrix C (N, C). Each iteration therefore runs two passes:
+pass 1 computes C chunk by chunk without a graph, the losses and dL/dC are taken on C as a
+leaf; pass 2 recomputes each chunk with a graph and back-propagates its slice of dL/dC.
+Memory is bounded by one chunk's graph, and the one optimizer step per iteration gets the
+exact full-batch gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from cvfp.metrics import convergence, effective_rank, format_rank, format_rate, relative_residual
+from cvfp.model import CVFPModel
+
+EMA_EPS = 1e-6  # the seed's guard in 1 / (mean(var) + eps)
+
+
+class DiversityLoss:
+    """The diversity term on a context matrix C (N, C); keeps EMA state for `ema_variance`."""
+
+    def __init__(self, kind: str, momentum: float):
+        self.kind = kind
+        self.momentum = momentum
+        self.mean: torch.Tensor | None = None
+        self.var: torch.Tensor | None = None
+
+    def __call__(self, contexts: torch.Tensor) -> torch.Tensor:
+        if self.kind == "global_deviation":
+            # -||C - mean(C)||_F / N: larger spread around the centroid, lower loss
+            return -(contexts - contexts.mean(dim=0, keepdim=True)).norm() / contexts.shape[0]
+        if self.mean is None:  # the seed initialises mean to the first contexts and var to ones
+            self.mean = contexts.detach().mean(dim=0)
+            self.var = torch.ones_like(self.mean)
+        m = self.momentum
+        # this iteration's share of the EMA stays differentiable (SPEC: the seed's fully
+        # detached version gave the loss no gradient at all)
+        var = m * self.var + (1 - m) * (contexts - self.mean).pow(2).mean(dim=0)
+        return 1.0 / (var.mean() + EMA_EPS)
+
+    def commit(self, contexts: torch.Tensor) -> None:
+        """Advance the EMA statistics with this iteration's (detached) contexts."""
+        if self.kind != "ema_variance" or self.mean is None:
+            return
+        contexts = contexts.detach()
+        m = self.momentum
+        self.var = m * self.var + (1 - m) * (contexts - self.mean).pow(2).mean(dim=0)
+        self.mean = m * self.mean + (1 - m) * contexts.mean(dim=0)
+
+
+def shifted_inputs(previous: torch.Tensor) -> torch.Tensor:
+    """Input context of token t is previous[t-1]; token 0 gets previous[-1] (carry-over)."""
+    return torch.roll(previous, shifts=1, dims=0)
+
+
+def context_losses(contexts: torch.Tensor, previous: torch.Tensor, diversity: DiversityLoss,
+                   dist_reg_weight: float) -> dict[str, torch.Tensor]:
+    """CVFP loss (raw MSE against the previous iteration, no normalisation) and diversity loss."""
+    cvfp = F.mse_loss(contexts, previous)
+    div = diversity(contexts)
+    return {"cvfp_loss": cvfp, "diversity_loss": div, "total_loss": (1 - dist_reg_weight) * cvfp + dist_reg_weight * div}
+
+
+def _autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def parallel_pass(model: CVFPModel, embeddings: torch.Tensor, inputs: torch.Tensor, chunk: int,
+                  precision: str = "fp32") -> torch.Tensor:
+    """F(inputs[t], e_t) for all t, chunk by chunk, without a graph: (N, E), (N, C) -> (N, C) float32."""
+    out = torch.empty_like(inputs, dtype=torch.float32)
+    with torch.no_grad(), _autocast(embeddings.device, precision):
+        for start in range(0, embeddings.shape[0], chunk):
+            stop = start + chunk
+            out[start:stop] = model.step(inputs[start:stop], embeddings[start:stop])[0].float()
+    return out
+
+
+def _recon_sum(model: CVFPModel, contexts: torch.Tensor, inputs: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """Sum of squared errors of the context decoder reconstructing [c_prev; x] from c."""
+    target = torch.cat([inputs, embeddings], dim=-1)
+    return (model.context_decoder(contexts).float() - target.float()).pow(2).sum()
+
+
+@dataclass
+class IterationStats:
+    """One Phase-1 iteration on one split."""
+
+    cvfp_loss: float | None
+    diversity_loss: float | None
+    total_loss: float | None
+    converged_tokens: int | None
+    tokens: int
+    effective_rank: float
+    relative_residual: float | None
+    seconds: float
+    skipped: bool = False
+
+    def row(self, prefix: str) -> dict[str, float]:
+        values = {
+            "cvfp_loss": self.cvfp_loss, "diversity_loss": self.diversity_loss, "total_loss": self.total_loss,
+            "convergence_rate": None if self.converged_tokens is None else self.converged_tokens / self.tokens,
+            "converged_tokens": self.converged_tokens, "effective_rank": self.effective_rank,
+            "relative_residual": self.relative_residual, "seconds": self.seconds,
+        }
+        return {f"{prefix}_{k}": v for k, v in values.items() if v is not None}
+
+
+def train_step(model: CVFPModel, optimizer: torch.optim.Optimizer, embeddings: torch.Tensor,
+               previous: torch.Tensor, diversity: DiversityLoss, params) -> tuple[torch.Tensor, dict[str, float], bool]:
+    """One parallel iteration with one optimizer step over all N tokens.
+
+    Returns (contexts (N, C) computed before the step, loss values, skipped). A non-finite
+    loss or gradient skips the step; the caller counts it.
+    """
+    n = embeddings.shape[0]
+    inputs = shifted_inputs(previous)
+    contexts = parallel_pass(model, embeddings, inputs, params.batch_tokens, params.precision)
+
+    leaf = contexts.clone().requires_grad_(True)
+    losses = context_losses(leaf, previous, diversity, params.dist_reg_weight)
+    total = losses["total_loss"]
+    recon_scale = params.recon_weight / (n * (model.args.context_dim + model.args.embed_dim))
+    recon_total = 0.0
+    if recon_scale > 0:
+        with torch.no_grad():
+            recon_total = sum(float(_recon_sum(model, contexts[s:s + params.batch_tokens], inputs[s:s + params.batch_tokens],
+                                               embeddings[s:s + params.batch_tokens]))
+                              for s in range(0, n, params.batch_tokens))
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    if recon_scale > 0:
+        values["recon_loss"] = recon_total * recon_scale / params.recon_weight  # the decoder's plain MSE
+        values["total_loss"] += recon_total * recon_scale
+    if not math.isfinite(values["total_loss"]):
+        return contexts, values, True
+
+    (grad_contexts,) = torch.autograd.grad(total, leaf)
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(embeddings.device, params.precision):
+        for start in range(0, n, params.batch_tokens):
+            stop = start + params.batch_tokens
+            chunk = model.step(inputs[start:stop], embeddings[start:stop])[0].float()
+            surrogate = (chunk * grad_contexts[start:stop]).sum()  # its gradient is dL/dC's slice pushed through F
+            if recon_scale > 0:
+                surrogate = surrogate + recon_scale * _recon_sum(model, chunk, inputs[start:stop], embeddings[start:stop])
+            surrogate.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], params.grad_clip)
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return contexts, values, True
+    optimizer.step()
+    diversity.commit(contexts)
+    return contexts, values, False
+
+
+def evaluate_step(model: CVFPModel, embeddings: torch.Tensor, previous: torch.Tensor, diversity: DiversityLoss,
+                  params) -> tuple[torch.Tensor, dict[str, float]]:
+    """The same parallel iteration with no parameter update (validation)."""
+    contexts = parallel_pass(model, embeddings, shifted_inputs(previous), params.batch_tokens, params.precision)
+    losses = context_losses(contexts, previous, diversity, params.dist_reg_weight)
+    diversity.commit(contexts)
+    return contexts, {k: float(v) for k, v in losses.items()}
+
+
+@dataclass
+class Phase1Result:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)  # deterministic numbers only (metrics/phase1.json)
+    timing: dict[str, Any] = field(default_factory=dict)  # wall-clock figures, kept apart so reruns compare equal
+    train_contexts: torch.Tensor | None = None
+    val_contexts: torch.Tensor | None = None
+
+
+def _stats(contexts: torch.Tensor, previous: torch.Tensor | None, losses: dict[str, float] | None, params,
+           seed: int, seconds: float, skipped: bool = False) -> IterationStats:
+    converged = None
+    if previous is not None:
+        converged, _ = convergence(contexts, previous, params.convergence_threshold)
+    return IterationStats(
+        cvfp_loss=losses["cvfp_loss"] if losses else None,
+        diversity_loss=losses["diversity_loss"] if losses else None,
+        total_loss=losses["total_loss"] if losses else None,
+        converged_tokens=converged, tokens=contexts.shape[0],
+        effective_rank=effective_rank(contexts, params.effective_rank_samples, seed),
+        relative_residual=relative_residual(contexts, previous) if previous is not None else None,
+        seconds=seconds, skipped=skipped)
+
+
+def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tensor, params, seed: int,
+                 log: Callable[[str], None] = print) -> Phase1Result:
+    """Run Phase 1 on the train stream, mirroring each iteration on validation without updates.
+
+    `params` is the `phase1` section. `max_iterations` counts iteration 0 (the sequential scan).
+    """
+    from cvfp.runtime import progress
+
+    device = next(model.parameters()).device
+    model.zero_head_()
+    model.token_embedding.requires_grad_(False)  # Phase 1 input embeddings are computed once
+    model.embed_norm.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=params.lr)
+    with torch.no_grad():
+        embeddings = {"train": model.embed(train_ids.to(device)), "val": model.embed(val_ids.to(device))}
+    diversity = {split: DiversityLoss(params.diversity, params.ema_momentum) for split in embeddings}
+    dim = model.context_dim
+    result = Phase1Result()
+    previous: dict[str, torch.Tensor] = {}
+    skipped_steps = 0
+    started = time.perf_counter()
+    last: dict[str, IterationStats] = {}
+    bar = progress(range(params.max_iterations), desc="phase1", unit="iter")
+    for iteration in bar:
+        row: dict[str, Any] = {"iteration": iteration}
+        for split in ("train", "val"):
+            tick = time.perf_counter()
+            losses, skipped = None, False
+            if iteration == 0:
+                contexts = model.scan(embeddings[split], progress_desc=f"phase1 scan {split}")
+            elif split == "train":
+                contexts, losses, skipped = train_step(model, optimizer, embeddings[split], previous[split],
+                                                       diversity[split], params)
+                skipped_steps += skipped
+            else:
+                contexts, losses = evaluate_step(model, embeddings[split], previous[split], diversity[split], params)
+            stats = _stats(contexts, previous.get(split), losses, params, seed, time.perf_counter() - tick, skipped)
+            last[split] = stats
+            row.update(stats.row(split))
+            if not skipped:
+                previous[split] = contexts
+        row["skipped_steps"] = skipped_steps
+        result.history.append(row)
+        log(_iteration_line(iteration, params.max_iterations, last, dim))
+        # iteration 1 re-runs the scan's own weights on the scan's contexts, so its convergence is
+        # trivially ~100%; only from iteration 2 on does it measure the effect of an update
+        converged = last["train"].converged_tokens
+        if iteration >= 2 and converged / last["train"].tokens >= params.min_converged_ratio:
+            log(f"early stop: train convergence reached phase1.min_converged_ratio={params.min_converged_ratio}")
+            break
+    bar.close()
+
+    result.summary = {split: _split_summary(last[split], dim) for split in ("train", "val")}
+    result.summary.update({"iterations": len(result.history), "skipped_steps": skipped_steps, "context_dim": dim})
+    result.timing = {"seconds": time.perf_counter() - started,
+                     "seconds_per_iteration": [row.get("train_seconds", 0.0) for row in result.history]}
+    result.train_contexts, result.val_contexts = previous["train"], previous["val"]
+    return result
+
+
+def _split_summary(stats: IterationStats, dim: int) -> dict[str, Any]:
+    summary = {"effective_rank": stats.effective_rank, "effective_rank_ratio": stats.effective_rank / dim,
+               "tokens": stats.tokens}
+    if stats.converged_tokens is not None:
+        summary.update({"convergence_rate": stats.converged_tokens / stats.tokens,
+                        "converged_tokens": stats.converged_tokens, "cvfp_loss": stats.cvfp_loss,
+                        "diversity_loss": stats.diversity_loss, "relative_residual": stats.relative_residual})
+    return summary
+
+
+def _iteration_line(iteration: int, total: int, last: dict[str, IterationStats], dim: int) -> str:
+    parts = [f"iteration {iteration}/{total - 1}"]
+    for split, stats in last.items():
+        text = f"{split}: Effective Rank: {format_rank(stats.effective_rank, dim)}"
+        if stats.converged_tokens is not None:
+            text += (f", convergence {format_rate(stats.converged_tokens, stats.tokens)}"
+                     f", cvfp {stats.cvfp_loss:.6f}, diversity {stats.diversity_loss:.6f}")
+        if stats.skipped:
+            text += " [step skipped: non-finite]"
+        parts.append(text + f" ({stats.seconds:.1f}s)")
+    return " | ".join(parts)

@@ -1,0 +1,68 @@
+"""Process set-up shared by every stage: project root, environment, seeding, device, progress."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+EXPERIMENT_TEMP_MARKER = os.path.join(".dvc", "tmp", "exps")
+
+
+def project_root() -> Path:
+    """The workspace root: DVC_ROOT inside a stage, else the nearest folder holding dvc.yaml.
+
+    Experiments queued with `dvc exp run --queue/--temp` run in a copy under
+    `<workspace>/.dvc/tmp/exps/...`; for them the workspace is the folder above `.dvc`,
+    so their tracking lands in the same store as the workspace's.
+    """
+    start = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    text = str(start)
+    marker = os.sep + EXPERIMENT_TEMP_MARKER + os.sep
+    if marker in text + os.sep:
+        return Path((text + os.sep).split(marker)[0])
+    for folder in (start, *start.parents):
+        if (folder / "dvc.yaml").is_file() or (folder / ".dvc").is_dir():
+            return folder
+    return start
+
+
+def configure_environment() -> None:
+    """Environment every stage needs before importing HF/MLflow: no telemetry, local caches, no fork warnings."""
+    root = project_root()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("HF_HOME", str(root / ".cache" / "huggingface"))
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch, and ask torch for deterministic CPU kernels."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def resolve_device(name: str):
+    """`auto` -> cuda when available else cpu; `cuda` without a GPU is an error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for in params.yaml but no CUDA device is available (use auto or cpu)")
+    return torch.device(name)
+
+
+def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it"):
+    """A tqdm progress bar with ETA on stderr (quiet when CVFP_NO_PROGRESS is set)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0,
+                disable=bool(os.environ.get("CVFP_NO_PROGRESS")))
