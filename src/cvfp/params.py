@@ -37,7 +37,7 @@ class DataParams(_Section):
     hub_name: str = "HuggingFaceH4/ultrachat_200k"
     hub_split: str = "train_sft"
     files: list[str] = []
-    num_samples: PosInt = 300
+    num_samples: PosInt = 150
 
     @model_validator(mode="after")
     def _files_given(self) -> "DataParams":
@@ -47,7 +47,7 @@ class DataParams(_Section):
 
 
 class TokenizerParams(_Section):
-    vocab_size: Annotated[int, Field(ge=300, le=1_000_000)] = 2048  # >= 256 bytes + specials
+    vocab_size: Annotated[int, Field(ge=300, le=1_000_000)] = 1024  # >= 256 bytes + specials
     min_frequency: PosInt = 2
 
 

@@ -1,0 +1,246 @@
+"""The corpus: documents in the UltraChat schema, read through HuggingFace `datasets`.
+
+A document is `{"messages": [{"role": "user" | "assistant" | "system", "content": str}, ...]}`,
+the schema of `HuggingFaceH4/ultrachat_200k`; one conversation is one document. Sources
+(`data.source`):
+
+- `chitchat`: the `chitchat_dataset` package (7,168 conversations); turn i is spoken by the
+  user when i is even and by the assistant when i is odd.
+- `hub`: `datasets.load_dataset(data.hub_name, split=data.hub_split)`, keeping `messages`;
+  `hub_name` may also be a local folder laid out like the hub repository.
+- `files`: `.txt` (one file = one document, its content one user message) and `.jsonl`
+  (rows with `messages`, or with `text` -> one user message).
+
+Text rule: text that is not valid Unicode scalar values (lone surrogates, and invalid UTF-8
+bytes in `.txt` files) is replaced by U+FFFD when a document is read. The cleaned text is what
+the tokenizer sees and what `document_bytes` counts, so the two always agree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from cvfp.io import ArtifactError, write_text
+from cvfp.params import DataParams
+from cvfp.stage import StageError
+
+BOUNDARY_TOKEN = "<|endoftext|>"
+ROLE_TOKENS = {"user": "<|user|>", "assistant": "<|assistant|>", "system": "<|system|>"}
+SPECIAL_TOKENS = (BOUNDARY_TOKEN, *ROLE_TOKENS.values())
+CHITCHAT_ROLES = ("user", "assistant")
+TEXT_SUFFIXES = (".txt",)
+JSONL_SUFFIXES = (".jsonl",)
+REPLACEMENT_CHAR = "\ufffd"
+# Lone UTF-16 surrogates cannot be encoded as UTF-8 (and the Rust tokenizer refuses them).
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The documents a run uses: `num_samples` of them, in the seeded order."""
+
+    documents: list[dict[str, Any]]
+    skipped: int            # documents passed over because they hold no content (0 bytes)
+    corpus_documents: int   # documents in the whole source corpus
+    origin: str             # human description of the source, for messages
+
+
+def clean_text(text: str) -> str:
+    """Replace lone surrogates by U+FFFD so the text is valid UTF-8 (see the module's text rule)."""
+    return _SURROGATES.sub(REPLACEMENT_CHAR, text)
+
+
+def render(document: dict[str, Any]) -> str:
+    """The text the tokenizer sees for one document: each message's role token, then its content.
+
+    The boundary token is not part of a document; the cache puts it after every document.
+    """
+    return "".join(ROLE_TOKENS[m["role"]] + clean_text(m["content"]) for m in document["messages"])
+
+
+def document_bytes(document: dict[str, Any]) -> int:
+    """UTF-8 bytes of a document: the sum over its message contents (special tokens count 0 bytes)."""
+    return sum(len(clean_text(m["content"]).encode("utf-8")) for m in document["messages"])
+
+
+def message_contents(documents: Iterable[dict[str, Any]]) -> Iterable[str]:
+    """Every message content in document order: the tokenizer's training text."""
+    for document in documents:
+        for message in document["messages"]:
+            yield message["content"]
+
+
+def normalize_document(raw_messages: Any, where: str) -> dict[str, Any]:
+    """Keep only role and content of each message, check the role, clean the text."""
+    if not isinstance(raw_messages, list):
+        raise StageError(f"{where}: 'messages' must be a list of {{role, content}}, got {type(raw_messages).__name__}")
+    messages = []
+    for position, message in enumerate(raw_messages):
+        if not isinstance(message, dict):
+            raise StageError(f"{where}: message {position} is not a mapping with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLE_TOKENS:
+            raise StageError(f"{where}: message {position} has role {role!r}; allowed: {', '.join(ROLE_TOKENS)}")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise StageError(f"{where}: message {position} content must be text, got {type(content).__name__}")
+        messages.append({"role": role, "content": clean_text(content)})
+    return {"messages": messages}
+
+
+def chitchat_corpus():
+    """The chitchat-dataset conversations as a `datasets.Dataset` with a `messages` column.
+
+    A turn is one speaker's consecutive utterances joined by a space (the package's default).
+    """
+    import chitchat_dataset
+    from datasets import Dataset
+
+    rows = []
+    for conversation in chitchat_dataset.ConversationDataset():
+        turns = list(conversation)
+        rows.append({"messages": [
+            {"role": CHITCHAT_ROLES[i % len(CHITCHAT_ROLES)], "content": turn} for i, turn in enumerate(turns)
+        ]})
+    return Dataset.from_list(rows)
+
+
+def hub_corpus(name: str, split: str):
+    """`load_dataset(name, split=split)` (a hub id or a local folder of that layout), `messages` only."""
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(name, split=split)
+    except Exception as err:  # datasets raises many types (not found, offline, bad split)
+        raise StageError(f"data.hub_name={name!r}, data.hub_split={split!r}: cannot load "
+                         f"({type(err).__name__}: {err})") from None
+    if "messages" not in dataset.column_names:
+        raise StageError(f"data.hub_name={name!r}: no 'messages' column (columns: {', '.join(dataset.column_names)})")
+    return dataset.select_columns(["messages"])
+
+
+def files_corpus(paths: list[str]):
+    """`.txt` and `.jsonl` files, read through `datasets`, concatenated in the listed order."""
+    from datasets import Dataset
+
+    rows: list[dict[str, Any]] = []
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise StageError(f"data.files: {name}: file not found")
+        suffix = path.suffix.lower()
+        if suffix in TEXT_SUFFIXES:
+            texts = _load_file("text", path, sample_by="document", encoding_errors="replace")["text"]
+            rows.extend({"messages": [{"role": "user", "content": text}]} for text in texts)
+        elif suffix in JSONL_SUFFIXES:
+            rows.extend(_jsonl_rows(path))
+        else:
+            raise StageError(f"data.files: {name}: unknown extension {path.suffix!r}; "
+                             f"allowed: {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}")
+    return Dataset.from_list(rows) if rows else Dataset.from_dict({"messages": []})
+
+
+def _load_file(builder: str, path: Path, **options: Any):
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(builder, data_files=[str(path)], split="train", **options)
+    except Exception as err:  # a generation error wraps the parser's own error
+        cause = err.__cause__ or err
+        raise StageError(f"data.files: {path}: cannot read as {builder} ({type(cause).__name__}: {cause})") from None
+
+
+def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    if path.stat().st_size == 0:
+        return []
+    dataset = _load_file("json", path)
+    if "messages" in dataset.column_names:
+        return [{"messages": messages} for messages in dataset["messages"]]
+    if "text" in dataset.column_names:
+        return [{"messages": [{"role": "user", "content": text}]} for text in dataset["text"]]
+    raise StageError(f"data.files: {path}: rows need a 'messages' or a 'text' field "
+                     f"(found: {', '.join(dataset.column_names)})")
+
+
+def load_corpus(data: DataParams):
+    """The whole source corpus as a `datasets.Dataset` with a `messages` column, in source order."""
+    if data.source == "chitchat":
+        return chitchat_corpus()
+    if data.source == "hub":
+        return hub_corpus(data.hub_name, data.hub_split)
+    return files_corpus(list(data.files))
+
+
+def describe_source(data: DataParams) -> str:
+    if data.source == "hub":
+        return f"hub dataset {data.hub_name!r} (split {data.hub_split!r})"
+    if data.source == "files":
+        return f"data.files ({len(data.files)} files)"
+    return "the chitchat corpus"
+
+
+def take_documents(corpus, num_samples: int, seed: int, origin: str = "the corpus") -> Selection:
+    """The first `num_samples` documents with content, in the order of `corpus.shuffle(seed)`.
+
+    Documents of 0 bytes are passed over and counted; only the documents needed are read and
+    normalised, so a large hub corpus is never materialised.
+    """
+    total = len(corpus)
+    if total == 0:
+        raise StageError(f"{origin} is empty: 0 documents exist")
+    if num_samples > total:
+        raise StageError(f"data.num_samples={num_samples} but {origin} has only {total} documents")
+    # keep_in_memory: the permutation is small and must not land in the datasets cache folder.
+    shuffled = corpus.shuffle(seed=seed, keep_in_memory=True)
+    documents: list[dict[str, Any]] = []
+    skipped = 0
+    for position, row in enumerate(shuffled):
+        document = normalize_document(row["messages"], f"{origin}, document {position} in seeded order")
+        if document_bytes(document) == 0:
+            skipped += 1
+            continue
+        documents.append(document)
+        if len(documents) == num_samples:
+            break
+    if len(documents) < num_samples:
+        raise StageError(f"data.num_samples={num_samples} but {origin} has only {len(documents)} documents with "
+                         f"content ({total} in total, {skipped} empty)")
+    return Selection(documents, skipped, total, origin)
+
+
+def select_documents(data: DataParams, seed: int) -> Selection:
+    """Load the configured corpus and take `data.num_samples` documents in the seeded order."""
+    return take_documents(load_corpus(data), data.num_samples, seed, describe_source(data))
+
+
+def write_documents(path: str | Path, documents: list[dict[str, Any]]) -> None:
+    """Write documents as JSON lines, atomically (one document per line, in order)."""
+    lines = [json.dumps(document, ensure_ascii=False) for document in documents]
+    write_text(path, "".join(line + "\n" for line in lines))
+
+
+def read_documents(path: str | Path) -> list[dict[str, Any]]:
+    """Read a file written by `write_documents`; a missing or damaged file is an ArtifactError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; run the 'tokenizer' stage (dvc repro tokenizer)")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        raise ArtifactError(f"{path}: not UTF-8 ({err}); "
+                            f"rerun the 'tokenizer' stage (dvc repro -f tokenizer)") from None
+    documents = []
+    # Split on "\n" only: JSON escapes it inside strings, unlike other line breaks (U+2028, ...).
+    for number, line in enumerate(lines[:-1] if lines[-1] == "" else lines, start=1):
+        try:
+            document = json.loads(line)
+            documents.append(normalize_document(document["messages"], f"{path}:{number}"))
+        except (json.JSONDecodeError, KeyError, TypeError, StageError) as err:
+            raise ArtifactError(f"{path}:{number}: not a document ({err}); "
+                                f"rerun the 'tokenizer' stage (dvc repro -f tokenizer)") from None
+    return documents

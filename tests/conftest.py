@@ -1,0 +1,45 @@
+"""Shared test set-up: a private HuggingFace cache, quiet progress bars, a toy corpus."""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+import pytest
+
+# Set before `datasets` is imported (it reads the cache location once): tests never touch ~/.cache.
+_HF_HOME = tempfile.mkdtemp(prefix="cvfp-test-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_HF_HOME, "datasets")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("CVFP_NO_PROGRESS", "1")
+
+UNICODE_SAMPLES = [
+    "emoji \U0001F600\U0001F44D\U0001F3FD",
+    "RTL \u05e9\u05dc\u05d5\u05dd \u0645\u0631\u062d\u0628\u0627",
+    "NUL \x00 inside",
+    "line\u2028separator",
+    "tab\tand\r\nnewline",
+]
+
+
+def toy_documents():
+    """Small conversations: repeated words (so BPE merges exist), roles, and unusual Unicode."""
+    documents = []
+    for i in range(12):
+        unusual = UNICODE_SAMPLES[i % len(UNICODE_SAMPLES)]
+        messages = [
+            {"role": "user", "content": f"hello there number {i}, how are you doing today?"},
+            {"role": "assistant", "content": f"I am doing fine, thank you. {unusual}"},
+        ]
+        if i % 4 == 0:
+            messages.insert(0, {"role": "system", "content": "be brief"})
+        documents.append({"messages": messages})
+    return documents
+
+
+@pytest.fixture
+def documents():
+    return toy_documents()
