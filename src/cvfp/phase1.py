@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from cvfp.cstar import fast_scan
 from cvfp.metrics import convergence, effective_rank, format_rank, format_rate, relative_residual
 from cvfp.model import CVFPModel
 
@@ -228,7 +229,7 @@ def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tenso
             tick = time.perf_counter()
             losses, skipped = None, False
             if iteration == 0:
-                contexts = model.scan(embeddings[split], progress_desc=f"phase1 scan {split}")
+                contexts = fast_scan(model, embeddings[split], progress_desc=f"phase1 scan {split}")
             elif split == "train":
                 contexts, losses, skipped = train_step(model, optimizer, embeddings[split], previous[split],
                                                        diversity[split], params)

@@ -1,0 +1,46 @@
+"""DVC stage `phase1`: learn fixed-point contexts (SPEC section 4); writes models/phase1.pt."""
+
+from cvfp.data.carve import load_split
+from cvfp.io import sha256_file, write_csv, write_json
+from cvfp.metrics import format_rank, format_rate
+from cvfp.model import CVFPModel, ModelArgs, save_model
+from cvfp.phase1 import train_phase1
+from cvfp.runtime import resolve_device
+from cvfp.stage import report_timing, run_stage, without_timing
+
+TOKENIZER = "data/tokenizer/tokenizer.json"
+
+
+def body(params, run):
+    device = resolve_device(params.device)
+    train = load_split("data/splits/train.safetensors", TOKENIZER)
+    val = load_split("data/splits/val.safetensors", TOKENIZER)
+    model = CVFPModel(ModelArgs.from_params(params.model, train.vocab_size)).to(device)
+    print(f"phase1 on {device}: {model.num_parameters()} parameters, "
+          f"{train.ids.numel()} train / {val.ids.numel()} val tokens")
+
+    result = train_phase1(model, train.ids, val.ids, params.phase1, params.seed)
+
+    save_model("models/phase1.pt", model, params_hash=params.section_hash("seed", "model", "phase1"),
+               tokenizer_sha256=sha256_file(TOKENIZER))
+    write_json("metrics/phase1.json", result.summary)
+    write_csv("metrics/phase1_iterations.csv", without_timing(result.history))
+    run.log_metrics(result.summary)
+    run.log_curves(result.history, "iteration")
+    run.log_artifact("metrics/phase1_iterations.csv")
+    report_timing("phase1", run, result.timing)
+
+    dim = result.summary["context_dim"]
+    for split in ("train", "val"):
+        s = result.summary[split]
+        line = f"{split}: Effective Rank: {format_rank(s['effective_rank'], dim)}"
+        if "converged_tokens" in s:
+            line += f", convergence {format_rate(s['converged_tokens'], s['tokens'])}"
+        print(line)
+    print(f"iterations {result.summary['iterations']}/{params.phase1.max_iterations}, "
+          f"skipped steps {result.summary['skipped_steps']}/{result.summary['iterations'] - 1}, "
+          f"{result.timing['seconds']:.1f}s")
+
+
+if __name__ == "__main__":
+    run_stage("phase1", body)

@@ -1,0 +1,54 @@
+"""DVC stage `phase2`: next-token prediction on the frozen contexts C* (SPEC section 6); writes models/phase2.pt."""
+
+from cvfp.cstar import load_cstar
+from cvfp.data.carve import load_split
+from cvfp.io import ArtifactError, sha256_file, write_csv, write_json
+from cvfp.metrics import format_rate
+from cvfp.model import load_model, save_model
+from cvfp.phase2 import train_phase2
+from cvfp.runtime import resolve_device
+from cvfp.stage import report_timing, run_stage, without_timing
+
+TOKENIZER = "data/tokenizer/tokenizer.json"
+PHASE1 = "models/phase1.pt"
+
+
+def body(params, run):
+    device = resolve_device(params.device)
+    model, _ = load_model(PHASE1, "phase1", device)
+    splits, cstar = {}, {}
+    for split in ("train", "val"):
+        splits[split] = load_split(f"data/splits/{split}.safetensors", TOKENIZER)
+        cstar[split] = load_cstar(f"data/cstar/{split}.safetensors", PHASE1)
+        if cstar[split].shape[0] != splits[split].ids.numel():
+            raise ArtifactError(f"data/cstar/{split}.safetensors: {cstar[split].shape[0]} contexts for "
+                                f"{splits[split].ids.numel()} tokens; rerun the 'cstar' stage (dvc repro cstar)")
+    val_bytes = int(splits["val"].doc_bytes.sum())
+    print(f"phase2 on {device}: context_mode {params.phase2.context_mode}, "
+          f"{splits['train'].ids.numel()} train / {splits['val'].ids.numel()} val tokens, {val_bytes} val bytes")
+
+    result = train_phase2(model, splits["train"].ids, cstar["train"], splits["val"].ids, cstar["val"], val_bytes,
+                          params.phase2, params.seed)
+
+    summary = result.summary
+    save_model("models/phase2.pt", model, phase1_sha256=sha256_file(PHASE1), tokenizer_sha256=sha256_file(TOKENIZER),
+               params_hash=params.section_hash("seed", "phase2"), best_epoch=summary["best_epoch"],
+               context_mode=params.phase2.context_mode)
+    write_json("metrics/phase2.json", summary)
+    write_csv("metrics/phase2_epochs.csv", without_timing(result.history))
+    run.log_metrics(summary)
+    run.log_curves(result.history, "epoch")
+    run.log_artifact("metrics/phase2_epochs.csv")
+    report_timing("phase2", run, result.timing)
+
+    if summary["best_epoch"]:
+        print(f"best epoch {summary['best_epoch']}/{summary['epochs_run']}: val loss {summary['val_loss']:.4f}, "
+              f"acc {format_rate(summary['val_correct'], summary['val_predicted'])}, bpb {summary['val_bpb']:.4f}")
+    else:
+        print(f"no epoch of {summary['epochs_run']} reached a finite validation loss; the initial weights are kept")
+    print(f"skipped steps {summary['skipped_steps']}, {summary['trainable_parameters']} trainable parameters, "
+          f"{result.timing['seconds']:.1f}s")
+
+
+if __name__ == "__main__":
+    run_stage("phase2", body)

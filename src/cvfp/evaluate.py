@@ -1,0 +1,239 @@
+"""Evaluation of the final model and of the contexts (SPEC section 7).
+
+Next-token metrics on validation in two modes: *fixed* (input contexts are C*, as Phase 2
+trained) and *free* (contexts from a sequential scan of the final model itself, as the model
+would really be used), and their gap. Then the context checks: effective rank and collapse
+flags of train and val C*, the identity-mapping check of the final model, the CVFP
+convergence check and the contraction estimate of the Phase-1 and of the final model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from cvfp.io import ArtifactError
+from cvfp.metrics import (TOKEN_SENSITIVITY_TOLERANCE, context_health, contraction_estimate, convergence_check,
+                          format_rank, format_rate, identity_check, next_token_counts,
+                          next_token_metrics, singular_spectrum)
+
+NEXT_TOKEN_KEYS = ("val_loss", "val_ppl", "val_acc", "val_bpb")
+MODEL_LABELS = {"": "final", "_phase1": "phase1"}  # metrics-key suffix -> name in the table
+
+
+@dataclass
+class EvaluationResult:
+    """`metrics` is metrics/eval.json; `spectrum` the rows of metrics/eval_spectrum.csv."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    spectrum: list[dict[str, Any]] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)  # wall-clock seconds, kept apart so reruns compare equal
+
+
+def default_scan_fn(progress_desc: str | None = None) -> Callable:
+    """A scan_fn with a progress bar: cvfp.cstar.fast_scan when it exists (exact, faster), else model.scan."""
+    try:
+        from cvfp import cstar
+        fast = getattr(cstar, "fast_scan", None)
+    except ImportError:
+        fast = None
+
+    def scan_fn(model, embeddings, initial=None, with_token_out=False):
+        if fast is None:
+            return model.scan(embeddings, initial=initial, with_token_out=with_token_out, progress_desc=progress_desc)
+        return fast(model, embeddings, initial=initial, with_token_out=with_token_out, progress_desc=progress_desc)
+
+    return scan_fn
+
+
+def check_sources(payload: dict[str, Any], path: str, stage: str, **expected_sha256: str) -> None:
+    """Refuse a checkpoint whose recorded input hashes (e.g. tokenizer_sha256=..., phase1_sha256=...)
+    differ from the files on disk now: it was built from other inputs and is stale.
+    A hash the checkpoint does not record is not checked."""
+    for key, current in expected_sha256.items():
+        recorded = payload.get(key)
+        if recorded is not None and recorded != current:
+            source = key.removesuffix("_sha256")
+            raise ArtifactError(f"{path}: built from another {source} (stale); rerun the '{stage}' stage "
+                                f"(dvc repro {stage})")
+
+
+def context_mode_of(payload: dict[str, Any], path: str) -> str:
+    """The Phase-2 context_mode a final checkpoint was trained with (fixed-mode evaluation must match it)."""
+    if "context_mode" not in payload:
+        raise ArtifactError(f"{path}: no context_mode recorded (not a Phase-2 checkpoint); rerun the 'phase2' stage")
+    return payload["context_mode"]
+
+
+def _timed(log: Callable[[str], None], timing: dict[str, float], key: str, what: str, fn: Callable[[], Any]) -> Any:
+    """Run fn, log how long it took and record the seconds as timing[f"{key}_seconds"]."""
+    tick = time.perf_counter()
+    value = fn()
+    seconds = timing[f"{key}_seconds"] = time.perf_counter() - tick
+    log(f"evaluate: {what} ({seconds:.1f}s)")
+    return value
+
+
+def spectrum_rows(train: torch.Tensor, val: torch.Tensor) -> list[dict[str, Any]]:
+    """Rows (index, train, val) of normalised singular values; a shorter spectrum leaves blanks."""
+    rows = []
+    for i in range(max(train.numel(), val.numel())):
+        rows.append({"index": i + 1, "train": float(train[i]) if i < train.numel() else "",
+                     "val": float(val[i]) if i < val.numel() else ""})
+    return rows
+
+
+@torch.no_grad()
+def evaluate_all(final_model, phase1_model, context_mode: str, val_ids: torch.Tensor, val_bytes: int,
+                 train_cstar: torch.Tensor, val_cstar: torch.Tensor, params, seed: int,
+                 scan_fn: Callable | None = None, log: Callable[[str], None] = print) -> EvaluationResult:
+    """Every SPEC-7 number for the final model (Phase 2) and the Phase-1 model.
+
+    val_ids (N,), train_cstar (N_train, C), val_cstar (N, C); val_bytes is the UTF-8 byte count
+    of the validation documents (bits per byte). `params` is the `evaluate` section;
+    `context_mode` the final checkpoint's Phase-2 mode. Contraction is taken along each
+    model's own trajectory: val C* for the Phase-1 model, the free-running contexts for the
+    final model.
+    """
+    from cvfp.phase2 import evaluate_fixed
+
+    def scan_for(desc: str) -> Callable:
+        return scan_fn or default_scan_fn(desc)
+
+    if val_cstar.shape[0] != val_ids.numel():
+        raise ArtifactError(f"val C* has {val_cstar.shape[0]} contexts for {val_ids.numel()} val tokens; "
+                            f"rerun the 'cstar' stage (dvc repro cstar)")
+    device = next(final_model.parameters()).device
+    final_model.eval()
+    phase1_model.eval()
+    val_ids, val_cstar = val_ids.to(device), val_cstar.to(device)
+    embeddings = {"": final_model.embed(val_ids), "_phase1": phase1_model.embed(val_ids)}
+    started, timing = time.perf_counter(), {}
+    metrics: dict[str, Any] = {"context_mode": context_mode, "val_bytes": int(val_bytes),
+                               "context_dim": int(final_model.context_dim)}
+
+    fixed = _timed(log, timing, "fixed", "fixed mode (contexts = C*)",
+                   lambda: evaluate_fixed(final_model, val_ids, val_cstar, params.batch_size, context_mode))
+    free_scan = scan_for("free-running scan")
+    free_contexts, token_outs = _timed(log, timing, "free_scan", "free-running scan",
+                                       lambda: free_scan(final_model, embeddings[""], with_token_out=True))
+    free = next_token_counts(final_model, free_contexts, token_outs, val_ids, params.batch_size)
+    metrics["fixed"] = next_token_metrics(fixed, val_bytes)
+    if "stability_mse" in fixed:  # how far one step from C*[t-1] lands from C*[t]
+        metrics["fixed"]["stability_mse"] = fixed["stability_mse"]
+    metrics["free"] = next_token_metrics(free, val_bytes)
+    metrics["gap"] = {key: metrics["free"][key] - metrics["fixed"][key] for key in NEXT_TOKEN_KEYS}
+
+    splits = {"train": train_cstar, "val": val_cstar}
+    health = {split: context_health(cstar, params, seed) for split, cstar in splits.items()}
+    metrics["context_health"] = health
+    metrics["effective_rank"] = {split: h["effective_rank"] for split, h in health.items()}
+    metrics["effective_rank_ratio"] = {split: h["effective_rank_ratio"] for split, h in health.items()}
+    spectra = [singular_spectrum(cstar, params.effective_rank_samples, seed) for cstar in splits.values()]
+
+    metrics["identity"] = _timed(log, timing, "identity", "identity check", lambda: identity_check(
+        final_model, val_cstar, embeddings[""], params.identity_samples, params.identity_threshold,
+        params.zero_norm, seed))
+    for suffix, model, trajectory in (("", final_model, free_contexts), ("_phase1", phase1_model, val_cstar)):
+        label, scan = MODEL_LABELS[suffix], scan_for(f"convergence trial, {MODEL_LABELS[suffix]}")
+        metrics[f"convergence_check{suffix}"] = _timed(
+            log, timing, f"convergence_check{suffix}", f"convergence check, {label} model",
+            lambda: convergence_check(model, embeddings[suffix], params.num_trials, scan, params))
+        metrics[f"contraction{suffix}"] = _timed(
+            log, timing, f"contraction{suffix}", f"contraction estimate, {label} model",
+            lambda: contraction_estimate(model, trajectory, embeddings[suffix], params.contraction_samples,
+                                         params.contraction_power_iterations, seed))
+    timing["seconds"] = time.perf_counter() - started
+    return EvaluationResult(metrics=metrics, spectrum=spectrum_rows(*spectra), timing=timing)
+
+
+def json_ready(tree: Any) -> Any:
+    """Non-finite floats become None (JSON has no inf/NaN; a diverged free run can produce them)."""
+    if isinstance(tree, dict):
+        return {key: json_ready(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [json_ready(value) for value in tree]
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return None
+    return tree
+
+
+def _f(value: float | None, spec: str = ".4f") -> str:
+    """A number for the table; `n/a` for a value JSON could not hold (non-finite, stored as None)."""
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def _verdict(ok: bool) -> str:
+    return "PASSED" if ok else "FAILED"
+
+
+def _beyond(value: float | None, bound: float, above: bool) -> bool:
+    """value > bound (above) or value < bound; a missing (non-finite) value never passes."""
+    if value is None:
+        return False
+    return value > bound if above else value < bound
+
+
+def results_table(metrics: dict[str, Any], params) -> str:
+    """The one results table printed at the end of the stage: quantity | value | criterion | result."""
+    rows: list[tuple[str, str, str, str]] = []
+    fixed, free, gap = metrics["fixed"], metrics["free"], metrics["gap"]
+    for mode, m in (("fixed", fixed), ("free", free)):
+        rows.append((f"val loss, {mode} (nats/token)", _f(m["val_loss"]), "", ""))
+    rows.append(("val loss gap (free - fixed)", _f(gap["val_loss"], "+.4f"), "", ""))
+    for mode, m in (("fixed", fixed), ("free", free)):
+        rows.append((f"val perplexity, {mode}", _f(m["val_ppl"], ".2f"), "", ""))
+    rows.append(("val perplexity gap (free - fixed)", _f(gap["val_ppl"], "+.2f"), "", ""))
+    for mode, m in (("fixed", fixed), ("free", free)):
+        rows.append((f"val accuracy, {mode}", format_rate(m["correct"], m["tokens"]), "", ""))
+    rows.append(("val accuracy gap (free - fixed)", f"{_f(100 * gap['val_acc'], '+.1f')} points", "", ""))
+    for mode, m in (("fixed", fixed), ("free", free)):
+        rows.append((f"val bits per byte, {mode}", f"{_f(m['val_bpb'])} ({_f(m['total_nats'], '.1f')} nats / "
+                     f"ln2 / {metrics['val_bytes']} bytes)", "", ""))
+    rows.append(("val bits per byte gap (free - fixed)", _f(gap["val_bpb"], "+.4f"), "", ""))
+
+    for split, h in metrics["context_health"].items():
+        rows.append((f"Effective Rank, {split} C*", format_rank(h["effective_rank"], h["dim"]), "", ""))
+        rows.append((f"global attractor, {split} C*",
+                     f"cosine {_f(h['mean_pairwise_cosine'])}, distance {_f(h['mean_pairwise_distance'])}",
+                     f"cos > {params.attractor_cosine} and dist < {params.attractor_distance}",
+                     "DETECTED" if h["global_attractor"] else "none"))
+        rows.append((f"zero solution, {split} C*", f"mean norm {_f(h['mean_norm'])}", f"norm < {params.zero_norm}",
+                     "DETECTED" if h["zero_solution"] else "none"))
+
+    ident = metrics["identity"]
+    pairs = f"({ident['samples']} pairs)"
+    rows.append(("identity: mean context norm", _f(ident['mean_context_norm']), f"> {params.zero_norm}",
+                 _verdict(_beyond(ident["mean_context_norm"], params.zero_norm, True))))
+    for label, key in (("data", "mean_step_cosine"), ("random", "mean_step_cosine_random")):
+        rows.append((f"identity: step cosine, {label}", f"{_f(ident[key])} {pairs}", f"< {params.identity_threshold}",
+                     _verdict(_beyond(ident[key], params.identity_threshold, False))))
+    sensitive = _beyond(ident["token_sensitivity"], TOKEN_SENSITIVITY_TOLERANCE, True)
+    rows.append(("identity: token sensitivity", f"{_f(ident['token_sensitivity'])} {pairs}",
+                 f"> {TOKEN_SENSITIVITY_TOLERANCE}", _verdict(sensitive)))
+    rows.append(("identity-mapping check", "", "all of the above", _verdict(ident["passed"])))
+
+    for suffix, label in MODEL_LABELS.items():
+        check = metrics[f"convergence_check{suffix}"]
+        trials = check["num_trials"]
+        rows.append((f"convergence {label}: final diff",
+                     f"{_f(check['final_diff'], '.3e')} (trial {trials}/{trials} vs {trials - 1})",
+                     f"< {params.final_diff_threshold}", _verdict(check["passed"])))
+        rows.append((f"convergence {label}: slope, std",
+                     f"{_f(check['slope'], '.3e')}, {_f(check['std'], '.3e')} ({len(check['trial_mse'])} MSEs)",
+                     f"|slope| {params.slope_threshold}, std {params.std_threshold}", check["verdict"]))
+    for suffix, label in MODEL_LABELS.items():
+        c = metrics[f"contraction{suffix}"]
+        rows.append((f"contraction {label}: spectral radius", f"mean {_f(c['mean'])}, max {_f(c['max'])}",
+                     "radius > 1", f"{format_rate(c['above_one'], c['samples'])} above 1"))
+
+    header = ("quantity", "value", "criterion", "result")
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (header, *rows)]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)

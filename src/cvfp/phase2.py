@@ -1,0 +1,262 @@
+"""Phase 2: next-token prediction on top of the frozen contexts C* (SPEC section 6, seed 003 v3.1).
+
+Every position t is an independent example, because its input context is known in advance:
+input context C*[t-1] (zero for t = 0, where the scan started), token embedding e_t,
+(context_out, token_out) = F(C*[t-1], e_t), logits = head([context_out; token_out]),
+loss = CE(logits, id_{t+1}) + context_stability_weight * MSE(context_out, C*[t]).
+Positions t = 0..N-2 train in shuffled mini-batches; the last token has no target. C* never
+changes. `context_mode: replace` (seed 001's v2.0) feeds C*[t] to the head instead of
+context_out and drops the stability term. The head, zero and frozen in Phase 1, starts
+from a seeded normal initialisation (`init_head_`).
+
+Validation uses the same per-position loss, so "validation loss" (early stopping) is the
+training objective measured on the validation stream: CE plus the stability term in
+`stability` mode, CE alone in `replace` mode.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cvfp.metrics import bits_per_byte, format_rate
+from cvfp.model import CVFPModel
+
+CONTEXT_MODES = ("stability", "replace")
+MAX_LOG_PERPLEXITY = 700.0  # exp() of more overflows a float; such a perplexity is reported as missing
+
+
+def _autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def input_contexts(cstar: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Input context of position t: C*[t-1], and zero for t = 0 (the scan starts from c = 0).
+
+    cstar (N, C), positions (B,) -> (B, C).
+    """
+    previous = cstar[(positions - 1).clamp_min(0)]
+    return torch.where((positions > 0).unsqueeze(-1), previous, torch.zeros_like(previous))
+
+
+def fixed_forward(model: CVFPModel, ids: torch.Tensor, cstar: torch.Tensor, positions: torch.Tensor,
+                  context_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One model step at each position with the input context taken from C*, predicting ids[positions + 1].
+
+    ids (N,), cstar (N, C), positions (B,) -> (logits (B, V), context_out (B, C)).
+    The head sees context_out (`stability`) or C*[t] (`replace`).
+    """
+    device = next(model.parameters()).device
+    positions = positions.to(ids.device)
+    context_in = input_contexts(cstar, positions.to(cstar.device)).to(device)
+    context_out, token_out = model.step(context_in, model.embed(ids[positions].to(device)))
+    head_context = cstar[positions.to(cstar.device)].to(device) if context_mode == "replace" else context_out
+    return model.logits(head_context, token_out), context_out
+
+
+def batch_losses(model: CVFPModel, ids: torch.Tensor, cstar: torch.Tensor, positions: torch.Tensor,
+                 context_mode: str, stability_weight: float, precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """Phase-2 loss of a batch of positions (B,): mean CE, the stability MSE and the objective.
+
+    Returns scalars `loss`, `ce`, `stability` (MSE(context_out, C*[t]), measured in both
+    modes, part of `loss` only in `stability` mode), and `correct` (top-1 hits, a count).
+    """
+    device = next(model.parameters()).device
+    with _autocast(device, precision):
+        logits, context_out = fixed_forward(model, ids, cstar, positions, context_mode)
+    targets = ids[positions.to(ids.device) + 1].to(device)
+    target_contexts = cstar[positions.to(cstar.device)].to(device)
+    ce = F.cross_entropy(logits.float(), targets)
+    stability = F.mse_loss(context_out.float(), target_contexts.float())
+    loss = ce + stability_weight * stability if context_mode == "stability" else ce
+    correct = (logits.argmax(dim=-1) == targets).sum()
+    return {"loss": loss, "ce": ce, "stability": stability, "correct": correct}
+
+
+@torch.no_grad()
+def evaluate_fixed(model: CVFPModel, ids: torch.Tensor, cstar: torch.Tensor, batch_size: int, context_mode: str,
+                   precision: str = "fp32") -> dict[str, Any]:
+    """Next-token numbers with contexts = C* over all N-1 positions of a stream, batched, no gradients.
+
+    ids (N,), cstar (N, C) -> dict(total_nats: summed CE, tokens: N-1, correct: top-1 hits,
+    stability_mse: mean MSE(context_out, C*[t]) over positions and dimensions).
+    """
+    positions = torch.arange(ids.shape[0] - 1, device=ids.device)
+    total_nats, correct, stability_sum = 0.0, 0, 0.0
+    for batch in positions.split(batch_size):
+        losses = batch_losses(model, ids, cstar, batch, context_mode, 0.0, precision)
+        total_nats += float(losses["ce"]) * batch.numel()
+        stability_sum += float(losses["stability"]) * batch.numel()
+        correct += int(losses["correct"])
+    tokens = positions.numel()
+    return {"total_nats": total_nats, "tokens": tokens, "correct": correct,
+            "stability_mse": stability_sum / max(tokens, 1)}
+
+
+def init_head_(model: CVFPModel, seed: int) -> None:
+    """Re-initialise the output head, zero and frozen since Phase 1, like every Linear in SPEC section 2.
+
+    Weights normal(0, init_std), biases normal(0, bias_init_std), drawn on the CPU from a
+    generator seeded with `seed`, so the start is the same on every device.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    head = model.token_output
+    with torch.no_grad():
+        head.weight.copy_(torch.empty(head.weight.shape).normal_(0.0, model.args.init_std, generator=generator))
+        head.bias.copy_(torch.empty(head.bias.shape).normal_(0.0, model.args.bias_init_std, generator=generator))
+
+
+def set_trainable(model: CVFPModel, freeze_context: bool, freeze_embedding: bool) -> list[nn.Parameter]:
+    """Freeze what the variant says and return the parameters left to train.
+
+    The head always trains; `freeze_context` freezes everything else (blocks and embedding);
+    `freeze_embedding` freezes token_embedding and embed_norm. The context decoder is a
+    Phase-1 device and never trains here.
+    """
+    model.requires_grad_(not freeze_context)
+    model.token_output.requires_grad_(True)
+    if freeze_embedding:
+        model.token_embedding.requires_grad_(False)
+        model.embed_norm.requires_grad_(False)
+    if model.context_decoder is not None:
+        model.context_decoder.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def perplexity(ce: float | None) -> float | None:
+    """exp(mean CE in nats); None where that is not a finite number."""
+    if ce is None or not math.isfinite(ce) or ce > MAX_LOG_PERPLEXITY:
+        return None
+    return math.exp(ce)
+
+
+@dataclass
+class Phase2Result:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, Any] = field(default_factory=dict)  # wall-clock figures, kept apart so reruns compare equal
+
+
+def _validation_row(model: CVFPModel, val_ids: torch.Tensor, val_cstar: torch.Tensor, val_bytes: int,
+                    params) -> dict[str, Any]:
+    val = evaluate_fixed(model, val_ids, val_cstar, params.batch_size, params.context_mode, params.precision)
+    ce = val["total_nats"] / val["tokens"]
+    loss = ce + params.context_stability_weight * val["stability_mse"] if params.context_mode == "stability" else ce
+    return {"val_loss": loss, "val_ce": ce, "val_stability": val["stability_mse"], "val_ppl": perplexity(ce),
+            "val_acc": val["correct"] / val["tokens"], "val_correct": val["correct"], "val_predicted": val["tokens"],
+            "val_bpb": bits_per_byte(val["total_nats"], val_bytes)}
+
+
+def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.Tensor, val_ids: torch.Tensor,
+                 val_cstar: torch.Tensor, val_bytes: int, params, seed: int,
+                 log: Callable[[str], None] = print) -> Phase2Result:
+    """Train the head (and, unless frozen, blocks and embedding) on C*, with early stopping.
+
+    train_ids (N,), train_cstar (N, C), val_ids (M,), val_cstar (M, C); `val_bytes` is the
+    UTF-8 byte count of the validation documents (bits per byte); `params` is the `phase2`
+    section. On return the model holds the weights of the epoch with the lowest validation
+    loss (the initial weights if no epoch gave a finite one).
+    """
+    from cvfp.runtime import progress
+
+    if params.context_mode not in CONTEXT_MODES:
+        raise ValueError(f"phase2.context_mode must be one of {CONTEXT_MODES}, got {params.context_mode!r}")
+    device = next(model.parameters()).device
+    init_head_(model, seed)
+    trainable = set_trainable(model, params.freeze_context, params.freeze_embedding)
+    optimizer = torch.optim.Adam(trainable, lr=params.lr)
+    train_ids, train_cstar = train_ids.to(device), train_cstar.to(device)
+    val_ids, val_cstar = val_ids.to(device), val_cstar.to(device)
+    num_positions = train_ids.shape[0] - 1
+    generator = torch.Generator().manual_seed(seed)  # the order of positions, independent of the device
+    num_batches = math.ceil(num_positions / params.batch_size)
+
+    result = Phase2Result()
+    best_loss, best_epoch = math.inf, 0
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    skipped_steps, tokens_seen, stopped_early = 0, 0, False
+    started = time.perf_counter()
+    for epoch in range(1, params.epochs + 1):
+        tick = time.perf_counter()
+        order = torch.randperm(num_positions, generator=generator).to(device)
+        sums = {"loss": 0.0, "ce": 0.0, "stability": 0.0}
+        seen = 0
+        bar = progress(order.split(params.batch_size), total=num_batches, desc=f"phase2 epoch {epoch}/{params.epochs}",
+                       unit="batch")
+        for batch in bar:
+            losses = batch_losses(model, train_ids, train_cstar, batch, params.context_mode,
+                                  params.context_stability_weight, params.precision)
+            if not torch.isfinite(losses["loss"]):
+                skipped_steps += 1
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
+            if not torch.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                skipped_steps += 1
+                continue
+            optimizer.step()
+            for key in sums:
+                sums[key] += float(losses[key].detach()) * batch.numel()
+            seen += batch.numel()
+        bar.close()
+        tokens_seen += seen
+
+        train_ce = sums["ce"] / seen if seen else None
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": sums["loss"] / seen if seen else None, "train_ce": train_ce,
+                               "train_stability": sums["stability"] / seen if seen else None,
+                               "train_ppl": perplexity(train_ce)}
+        row.update(_validation_row(model, val_ids, val_cstar, val_bytes, params))
+        row["skipped_steps"] = skipped_steps
+        row["seconds"] = time.perf_counter() - tick
+        result.history.append(row)
+        improved = row["val_loss"] < best_loss  # False for NaN: a diverged epoch is never the best
+        if improved:
+            best_loss, best_epoch = row["val_loss"], epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        log(_epoch_line(row, params.epochs, improved))
+        if epoch - best_epoch >= params.patience and epoch < params.epochs:
+            stopped_early = True
+            log(f"early stop: validation loss has not improved for {params.patience} epochs (phase2.patience); "
+                f"keeping epoch {best_epoch}")
+            break
+
+    model.load_state_dict(best_state)
+    best_row = result.history[best_epoch - 1] if best_epoch else {}
+    result.summary = {
+        "best_epoch": best_epoch, "epochs_run": len(result.history), "stopped_early": stopped_early,
+        "skipped_steps": skipped_steps, "trainable_parameters": sum(p.numel() for p in trainable),
+        "train_tokens_seen": tokens_seen,
+        "train_tokens": train_ids.shape[0], "val_tokens": val_ids.shape[0], "context_mode": params.context_mode,
+        **{key: _finite(best_row.get(key)) for key in ("train_loss", "train_ce", "train_stability", "train_ppl",
+                                                       "val_loss", "val_ce", "val_stability", "val_ppl", "val_acc",
+                                                       "val_correct", "val_predicted", "val_bpb")},
+    }
+    seconds = time.perf_counter() - started
+    result.timing = {"seconds": seconds, "train_tokens_per_second": tokens_seen / seconds,
+                     "seconds_per_epoch": [row["seconds"] for row in result.history]}
+    return result
+
+
+def _finite(value: float | None) -> float | None:
+    """A metrics-file value: a non-finite float becomes None (JSON has no NaN)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _epoch_line(row: dict[str, Any], epochs: int, improved: bool) -> str:
+    return (f"epoch {row['epoch']}/{epochs}: train loss {_number(row['train_loss'])} (ce {_number(row['train_ce'])}, "
+            f"ppl {_number(row['train_ppl'], 2)}) | val loss {_number(row['val_loss'])} (ce {_number(row['val_ce'])}, "
+            f"stability {_number(row['val_stability'], 6)}), ppl {_number(row['val_ppl'], 2)}, "
+            f"acc {format_rate(row['val_correct'], row['val_predicted'])}, bpb {_number(row['val_bpb'])}, "
+            f"skipped steps {row['skipped_steps']} ({row['seconds']:.1f}s)" + (" *best" if improved else ""))
