@@ -117,3 +117,12 @@ def test_a_param_change_reruns_only_its_stage(project):
         assert list(json.loads(sh(["dvc", "status", "--json"], root, env))) == ["phase2"]
     finally:
         (root / "params.yaml").write_text(params)
+
+
+@pytest.mark.slow
+def test_report_prints_the_results_table(project):
+    root, env, _ = project
+    out = sh(["cvfp", "report"], root, env)
+    assert "Effective Rank" in out and "identity-mapping check" in out and "val bits per byte, free" in out
+    # every rate is printed with its denominator
+    assert f"/{read(root, 'data.json')['train_tokens']})" in out

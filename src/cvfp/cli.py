@@ -38,22 +38,24 @@ def report(folder: Path, params_file: Path) -> int:
                   f"convergence {format_rate(s['converged_tokens'], s['tokens'])}, cvfp loss {s['cvfp_loss']:.3e}")
     cstar = _load(folder, "cstar.json")
     if cstar:
-        dim = phase1["context_dim"] if phase1 else None
         for split in ("train", "val"):
-            if dim and f"{split}_effective_rank" in cstar:
-                print(f"C* {split}: Effective Rank {format_rank(cstar[f'{split}_effective_rank'], dim)}")
+            print(f"C* {split}: Effective Rank {format_rank(cstar[split]['effective_rank'], cstar['context_dim'])}")
     phase2 = _load(folder, "phase2.json")
     if phase2:
-        print(f"phase2: best epoch {phase2.get('best_epoch')}/{phase2.get('epochs_run')}, "
-              f"val loss {phase2.get('best_val_loss', float('nan')):.4f}")
+        print(f"phase2 ({phase2['context_mode']}): best epoch {phase2['best_epoch']}/{phase2['epochs_run']}, "
+              f"val loss {phase2['val_loss']:.4f}, val ppl {phase2['val_ppl']:.2f}, "
+              f"val accuracy {format_rate(phase2['val_correct'], phase2['val_predicted'])}, val bpb {phase2['val_bpb']:.4f}")
     evaluation = _load(folder, "eval.json")
     if evaluation:
         print()
         print(results_table(evaluation, load_params(params_file).evaluate))
     timing_dir = folder / "timing"
     if timing_dir.is_dir():
-        times = {p.stem: json.loads(p.read_text()).get("seconds") for p in sorted(timing_dir.glob("*.json"))}
-        print("\nstage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items() if isinstance(v, (int, float))))
+        times = {}
+        for path in sorted(timing_dir.glob("*.json")):
+            timing = json.loads(path.read_text())
+            times[path.stem] = timing.get("seconds", sum(v for k, v in timing.items() if k.endswith("_seconds")))
+        print("\nstage seconds (work only, without start-up): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
     return 0
 
 
