@@ -43,3 +43,25 @@ def toy_documents():
 @pytest.fixture
 def documents():
     return toy_documents()
+
+
+REPO_PARAMS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "params.yaml")
+
+
+def write_params(path, overrides):
+    """Write a complete params.yaml: the repository's, with dotted-key overrides ({"carve.val_fraction": 0.3})."""
+    from ruamel.yaml import YAML
+
+    from cvfp.params import read_yaml
+
+    tree = read_yaml(REPO_PARAMS)
+    for dotted, value in overrides.items():
+        *sections, key = dotted.split(".")
+        node = tree
+        for section in sections:
+            node = node[section]
+        node[key] = value
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.dump(tree, handle)

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from fractions import Fraction
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from cvfp.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from cvfp.io import ArtifactError, sha256_file
 from cvfp.params import ParamsError, validate
 from cvfp.stage import StageError
+from conftest import write_params
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIAL_IDS = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
@@ -151,7 +151,7 @@ def run_script(script: str, cwd: Path, *args: str) -> subprocess.CompletedProces
 
 
 def test_stage_refuses_a_random_carve_and_writes_nothing(tmp_path):
-    (tmp_path / "params.yaml").write_text("carve:\n  method: random\n")
+    write_params(tmp_path / "params.yaml", {"carve.method": "random"})
     done = run_script(str(REPO / "pipeline" / "carve.py"), tmp_path)
     assert done.returncode == 2
     assert "error in stage 'carve'" in done.stderr and "carve.method" in done.stderr and "Traceback" not in done.stderr
@@ -167,12 +167,10 @@ def test_data_stages_end_to_end_then_unseen_fail(tmp_path):
         text = " ".join(WORDS[(n * 7 + k * 3) % len(WORDS)] for k in range(6 + n % 9))
         rows.append({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": text[::-1]}]})
     (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "params.yaml").write_text(textwrap.dedent("""\
-        seed: 3
-        data: {source: files, files: [chats.jsonl], num_samples: 30}
-        tokenizer: {vocab_size: 300, min_frequency: 2}
-        carve: {val_fraction: 0.25, unseen: drop_docs}
-        """))
+    write_params(tmp_path / "params.yaml", {"seed": 3, "data.source": "files", "data.files": ["chats.jsonl"],
+                                            "data.num_samples": 30, "tokenizer.vocab_size": 300,
+                                            "tokenizer.min_frequency": 2, "carve.val_fraction": 0.25,
+                                            "carve.unseen": "drop_docs"})
     # one process for the three stages: the imports (torch, mlflow) are paid once
     driver = "; ".join(f"runpy.run_path({str(REPO / 'pipeline' / s) + '.py'!r}, run_name='__main__')"
                        for s in ("tokenizer", "cache", "carve"))

@@ -39,7 +39,8 @@ def test_string_number_is_not_coerced():
 
 
 def test_yaml_1_2_reads_exponent_as_float_and_quoted_exponent_as_string(tmp_path):
-    assert load_text(tmp_path, "phase1:\n  lr: 1e-3\n").phase1.lr == pytest.approx(0.001)
+    text = REPO_PARAMS.read_text().replace("  lr: 0.002", "  lr: 1e-3")
+    assert load_text(tmp_path, text).phase1.lr == pytest.approx(0.001)
     with pytest.raises(ParamsError, match=r"phase1\.lr"):
         load_text(tmp_path, 'phase1:\n  lr: "1e-3"\n')
 
@@ -83,3 +84,10 @@ def test_random_carve_is_refused_naming_the_allowed_method():
 
 def test_files_source_needs_files():
     assert "data.files" in refusal({"data": {"source": "files"}})
+
+
+def test_every_key_must_be_set_explicitly(tmp_path):
+    """A value from a code default would be invisible to `dvc params diff` and `dvc exp run -S`."""
+    text = REPO_PARAMS.read_text().replace("  patience: 3\n", "")
+    with pytest.raises(ParamsError, match=r"missing: phase2\.patience"):
+        load_text(tmp_path, text)

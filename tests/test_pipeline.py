@@ -4,26 +4,25 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+from conftest import write_params
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ["dvc.yaml", "pipeline", "src", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
 STAGES = ["tokenizer", "cache", "carve", "phase1", "cstar", "phase2", "evaluate"]
 
-TINY_PARAMS = """
-seed: 0
-device: cpu
-data: {source: chitchat, num_samples: 24}
-tokenizer: {vocab_size: 320, min_frequency: 2}
-carve: {method: tail, val_fraction: 0.25, unseen: drop_docs}
-model: {context_dim: 8, embed_dim: 8, hidden_dim: 16, layer_structure: [1, 1], embedding_init_std: 1.0}
-phase1: {max_iterations: 3, batch_tokens: 512, effective_rank_samples: 0}
-phase2: {epochs: 2, batch_size: 256, patience: 1}
-evaluate: {batch_size: 512, identity_samples: 32, num_trials: 3, contraction_samples: 4, contraction_power_iterations: 5}
-"""
+TINY_PARAMS = {
+    "device": "cpu", "data.num_samples": 24, "tokenizer.vocab_size": 320, "carve.val_fraction": 0.25,
+    "model.context_dim": 8, "model.embed_dim": 8, "model.hidden_dim": 16, "model.layer_structure": [1, 1],
+    "phase1.max_iterations": 3, "phase1.batch_tokens": 512, "phase1.effective_rank_samples": 0,
+    "phase2.epochs": 2, "phase2.batch_size": 256, "phase2.patience": 1,
+    "evaluate.batch_size": 512, "evaluate.identity_samples": 32, "evaluate.num_trials": 3,
+    "evaluate.contraction_samples": 4, "evaluate.contraction_power_iterations": 5,
+}
 
 
 def sh(args, cwd, env):
@@ -43,7 +42,7 @@ def project(tmp_path_factory):
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy(source, target)
-    (root / "params.yaml").write_text(TINY_PARAMS)
+    write_params(root / "params.yaml", TINY_PARAMS)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(CVFP_NO_PROGRESS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@t")
@@ -51,6 +50,8 @@ def project(tmp_path_factory):
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "init"], root, env)
     log = sh(["dvc", "repro"], root, env)
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "repro"], root, env)  # dvc exp needs the baseline committed
     return root, env, log
 
 
@@ -111,10 +112,12 @@ def test_a_param_change_reruns_only_its_stage(project):
     root, env, _ = project
     params = (root / "params.yaml").read_text()
     try:
-        (root / "params.yaml").write_text(params.replace("val_fraction: 0.25", "val_fraction: 0.3"))
+        write_params(root / "params.yaml", {**TINY_PARAMS, "carve.val_fraction": 0.3})
         assert list(json.loads(sh(["dvc", "status", "--json"], root, env))) == ["carve"]
-        (root / "params.yaml").write_text(params.replace("phase2: {epochs: 2,", "phase2: {lr: 0.003, epochs: 2,"))
+        write_params(root / "params.yaml", {**TINY_PARAMS, "phase2.lr": 0.003})
         assert list(json.loads(sh(["dvc", "status", "--json"], root, env))) == ["phase2"]
+        write_params(root / "params.yaml", {**TINY_PARAMS, "phase1.dist_reg_weight": 0.5})
+        assert list(json.loads(sh(["dvc", "status", "--json"], root, env))) == ["phase1"]
     finally:
         (root / "params.yaml").write_text(params)
 
@@ -126,3 +129,32 @@ def test_report_prints_the_results_table(project):
     assert "Effective Rank" in out and "identity-mapping check" in out and "val bits per byte, free" in out
     # every rate is printed with its denominator
     assert f"/{read(root, 'data.json')['train_tokens']})" in out
+
+
+@pytest.mark.slow
+def test_queued_experiments_land_in_the_workspace_store(project):
+    """`dvc exp run --queue` runs in temporary copies; both must log to the workspace's sqlite store."""
+    root, env, _ = project
+    for lr in ("0.01", "0.0003"):
+        sh(["dvc", "exp", "run", "--queue", "-S", f"phase2.lr={lr}"], root, env)
+    sh(["dvc", "queue", "start", "-j", "2"], root, env)
+    deadline = time.monotonic() + 600
+    while True:
+        status = sh(["dvc", "queue", "status"], root, env)
+        if not any(word in status for word in ("Running", "Queued")):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cvfp")
+    found = client.search_runs([experiment.experiment_id])
+    names = {r.data.tags["dvc.exp_name"] for r in found} - {"workspace"}
+    assert len(names) == 2
+    for name in names:
+        stages = sorted(r.data.tags["cvfp.stage"] for r in found if r.data.tags["dvc.exp_name"] == name)
+        assert stages == ["evaluate", "phase2", "pipeline"], (name, stages)  # only the stages the change reruns
+        lrs = {r.data.params.get("phase2.lr") for r in found if r.data.tags["dvc.exp_name"] == name}
+        assert lrs <= {"0.01", "0.0003"}
+        evaluate = next(r for r in found if r.data.tags["dvc.exp_name"] == name and r.data.tags["cvfp.stage"] == "evaluate")
+        assert "fixed.val_bpb" in evaluate.data.metrics and "free.val_bpb" in evaluate.data.metrics

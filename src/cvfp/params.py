@@ -197,19 +197,37 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 
-def validate(raw: Any, origin: str = PARAMS_FILE) -> Params:
+def _missing_keys(raw: dict[str, Any], schema: type[BaseModel], prefix: str = "") -> list[str]:
+    """Schema keys that the YAML does not set (only inside sections that are mappings)."""
+    missing = []
+    for name, info in schema.model_fields.items():
+        annotation = info.annotation
+        if name not in raw:
+            missing.append(f"{prefix}{name}")
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(raw[name], dict):
+            missing.extend(_missing_keys(raw[name], annotation, f"{prefix}{name}."))
+    return missing
+
+
+def validate(raw: Any, origin: str = PARAMS_FILE, complete: bool = True) -> Params:
+    """Validate a parsed params tree. With `complete`, every key must be set explicitly: a value
+    that silently came from a code default would be invisible to `dvc params diff` and `-S`."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{origin}: the top level must be a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as err:
         lines = [_describe(e) for e in err.errors(include_url=False)]
         allowed = sorted(Params.model_fields)
         raise ParamsError(
             f"{origin}: invalid params:\n  " + "\n  ".join(lines) + f"\n(top-level keys allowed: {', '.join(allowed)})"
         ) from None
+    missing = _missing_keys(raw, Params) if complete else []
+    if missing:
+        raise ParamsError(f"{origin}: every hyperparameter must be set explicitly; missing: {', '.join(missing)}")
+    return params
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
