@@ -123,6 +123,17 @@ def test_a_param_change_reruns_only_its_stage(project):
 
 
 @pytest.mark.slow
+def test_forced_rerun_of_phase1_gives_identical_outputs(project):
+    """Same params, same machine: byte-identical metrics/phase1.json and the same output hashes in dvc.lock."""
+    root, env, _ = project
+    before = {name: (root / name).read_bytes() for name in ("metrics/phase1.json", "metrics/phase1_iterations.csv",
+                                                              "dvc.lock")}
+    sh(["dvc", "repro", "-f", "-s", "phase1"], root, env)
+    for name, content in before.items():
+        assert (root / name).read_bytes() == content, name
+
+
+@pytest.mark.slow
 def test_report_prints_the_results_table(project):
     root, env, _ = project
     out = sh(["cvfp", "report"], root, env)

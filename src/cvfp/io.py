@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -126,8 +127,10 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     payload = dict(payload)
     payload["state_dict"] = {k: v.detach().cpu() for k, v in payload["state_dict"].items()}
     payload["sha256"] = tensor_digest(payload["state_dict"])
+    buffer = io.BytesIO()  # torch.save names the archive after the file: a temp name would change the bytes
+    torch.save(payload, buffer)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 def load_checkpoint(path: str | Path, stage: str) -> dict[str, Any]:
