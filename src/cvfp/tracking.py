@@ -31,8 +31,8 @@ EXPERIMENT_ENV = "CVFP_EXPERIMENT"
 DEFAULT_EXPERIMENT = "cvfp"
 KEY_TAG = "cvfp.pipeline_key"
 STAGE_TAG = "cvfp.stage"
-RETRIES = 8  # sqlite "database is locked" retries, with doubling back-off from 50 ms
-SQLITE_TIMEOUT_S = 10.0
+LOCK_WAIT_S = 120.0  # how long one store call waits out "database is locked" before giving up
+SQLITE_TIMEOUT_S = 5.0
 
 
 def tracking_uri() -> str:
@@ -75,17 +75,17 @@ class StageRun:
             self.failures.append(what)
             return None
         delay = 0.05
-        for attempt in range(RETRIES):
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
             try:
                 return fn()
             except Exception as err:  # the store can fail in many ways; none may stop the stage
-                if "locked" in str(err).lower() and attempt + 1 < RETRIES:
-                    time.sleep(delay)
-                    delay *= 2
+                if "locked" in str(err).lower() and time.monotonic() + delay < deadline:
+                    time.sleep(delay)  # another process (a parallel experiment) holds the sqlite write lock
+                    delay = min(2 * delay, 2.0)
                     continue
                 self.failures.append(f"{what} ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
                 return None
-        return None
 
     def _open(self, flat_params: dict[str, Any], params_file: Path) -> None:
         configure_environment()

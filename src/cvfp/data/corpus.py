@@ -158,13 +158,47 @@ def _load_file(builder: str, path: Path, **options: Any):
 def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
     if path.stat().st_size == 0:
         return []
-    dataset = _load_file("json", path)
-    if "messages" in dataset.column_names:
-        return [{"messages": messages} for messages in dataset["messages"]]
-    if "text" in dataset.column_names:
-        return [{"messages": [{"role": "user", "content": text}]} for text in dataset["text"]]
-    raise StageError(f"data.files: {path}: rows need a 'messages' or a 'text' field "
-                     f"(found: {', '.join(dataset.column_names)})")
+    try:
+        dataset = _load_file("json", path)
+        columns, column = dataset.column_names, dataset.__getitem__
+    except StageError:
+        # Arrow's JSON parser refuses escaped lone surrogates ("\ud800") that Python's json accepts;
+        # such rows are read here and cleaned by the text rule (U+FFFD) like every other document
+        rows = _python_json_rows(path)
+        columns = sorted({key for row in rows for key in row})
+        column = lambda name: [row.get(name) for row in rows]  # noqa: E731
+    if "messages" in columns:
+        return [{"messages": messages} for messages in column("messages")]
+    if "text" in columns:
+        return [{"messages": [{"role": "user", "content": text}]} for text in column("text")]
+    raise StageError(f"data.files: {path}: rows need a 'messages' or a 'text' field (found: {', '.join(columns)})")
+
+
+def _python_json_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise StageError(f"data.files: {path}: line {number} is not JSON ({err})") from None
+            if not isinstance(row, dict):
+                raise StageError(f"data.files: {path}: line {number} is not a JSON object")
+            rows.append(_clean_strings(row))
+    return rows
+
+
+def _clean_strings(value: Any) -> Any:
+    """Apply the text rule to every string of a parsed JSON value (Arrow cannot hold lone surrogates)."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [_clean_strings(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _clean_strings(item) for key, item in value.items()}
+    return value
 
 
 def load_corpus(data: DataParams):
