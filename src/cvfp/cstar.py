@@ -11,6 +11,11 @@ commutative), so its contexts match `model.scan` to the bit on the same machine;
 hold it to float32 rounding. Bitwise matters here: a random or weakly trained CVFP map can be
 chaotic, and there a re-ordered sum (e.g. precomputing the first layer's W_x e_t + b for all t)
 drifts from the reference by O(1) within a few thousand tokens.
+
+On CUDA the same loop costs kernel launches, not Python: `graph_scan` captures the loop over
+GRAPH_TOKENS tokens once in a CUDA graph (the very kernels `_scan_states` launches, so the
+result is unchanged to the bit) and replays it N / GRAPH_TOKENS times; `fast_scan` takes it
+whenever the fast paths apply (cvfp.fast.enabled).
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
+from cvfp import fast
 from cvfp.io import ArtifactError, load_tensors, save_tensors, sha256_file
 from cvfp.model import CVFPModel
 
 SCAN_CHUNK = 4096  # tokens per compiled call: the progress bar moves, the Python overhead stays negligible
+GRAPH_TOKENS = 256  # scan steps per captured CUDA graph: replay overhead (~10 us) stays under 1%
 CSTAR_TENSOR = "contexts"
 
 
@@ -98,6 +105,8 @@ def fast_scan(model: CVFPModel, embeddings: torch.Tensor, initial: torch.Tensor 
     from cvfp.runtime import progress
 
     n, e_dim = embeddings.shape
+    if fast.enabled(embeddings.device) and n >= 2 * GRAPH_TOKENS:
+        return graph_scan(model, embeddings, initial, with_token_out, progress_desc=progress_desc)
     c_dim = model.context_dim
     context = embeddings.new_zeros(1, c_dim) if initial is None else initial.reshape(1, c_dim).to(embeddings)
     tensors, context_eps, token_eps = _layer_weights(model)
@@ -112,6 +121,59 @@ def fast_scan(model: CVFPModel, embeddings: torch.Tensor, initial: torch.Tensor 
         context = chunk[-1:, :c_dim]
         if bar is not None:
             bar.update(chunk.shape[0])
+    if bar is not None:
+        bar.close()
+    contexts = states[:, :c_dim].contiguous()
+    return (contexts, states[:, c_dim:].contiguous()) if with_token_out else contexts
+
+
+@torch.no_grad()
+def graph_scan(model: CVFPModel, embeddings: torch.Tensor, initial: torch.Tensor | None = None,
+               with_token_out: bool = False, compiled_step: bool = False, progress_desc: str | None = None):
+    """`fast_scan` by replaying one captured block of GRAPH_TOKENS scan steps (a CUDA graph on CUDA).
+
+    embeddings (N, E) -> contexts (N, C) [, token outputs (N, E)]. The exact variant captures
+    `_scan_states`, the kernels of `model.step`, so it equals `model.scan` to the bit on the
+    same device. `compiled_step` captures `torch.compile(model.step)` instead: fewer, fused
+    kernels whose LayerNorm reductions round differently (within float32 rounding per step;
+    cvfp.bench measures the drift over a stream). Off CUDA the block is re-run, not replayed.
+    """
+    from cvfp.runtime import progress
+
+    n, e_dim = embeddings.shape
+    c_dim = model.context_dim
+    keep = c_dim + e_dim if with_token_out else c_dim
+    block = min(GRAPH_TOKENS, n)
+    tokens = embeddings.new_zeros(block, e_dim)  # static inputs the captured kernels read
+    start_context = embeddings.new_zeros(1, c_dim)
+    if compiled_step:
+        step = fast.compiled(model, "scan_step", model.step)
+
+        def run() -> torch.Tensor:
+            context, states = start_context, []
+            for x in tokens.unsqueeze(1).unbind(0):
+                context, token_out = step(context, x)
+                states.append(torch.cat([context, token_out], 1) if keep > c_dim else context)
+            return torch.cat(states, 0)
+    else:
+        tensors, context_eps, token_eps = _layer_weights(model)
+        mix = float(model.args.layernorm_mix)
+
+        def run() -> torch.Tensor:
+            return _scan_states(tokens, start_context, *tensors, context_eps, token_eps, mix, keep)
+
+    replay = fast.replayable(run, embeddings.device)
+    states = embeddings.new_empty(n, keep)
+    context = embeddings.new_zeros(1, c_dim) if initial is None else initial.reshape(1, c_dim).to(embeddings)
+    bar = progress(total=n, desc=progress_desc, unit="tok") if progress_desc is not None else None
+    for start in range(0, n, block):
+        count = min(block, n - start)  # a short last block leaves stale rows in `tokens`; they are never read back
+        tokens[:count].copy_(embeddings[start:start + count])
+        start_context.copy_(context)
+        states[start:start + count] = replay()[:count]
+        context = states[start + count - 1:start + count, :c_dim]
+        if bar is not None:
+            bar.update(count)
     if bar is not None:
         bar.close()
     contexts = states[:, :c_dim].contiguous()

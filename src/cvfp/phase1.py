@@ -9,7 +9,9 @@ functions of the whole context matrix C (N, C). Each iteration therefore runs tw
 pass 1 computes C chunk by chunk without a graph, the losses and dL/dC are taken on C as a
 leaf; pass 2 recomputes each chunk with a graph and back-propagates its slice of dL/dC.
 Memory is bounded by one chunk's graph, and the one optimizer step per iteration gets the
-exact full-batch gradient.
+exact full-batch gradient. Where the fast paths apply (CUDA, see cvfp.fast) the step is
+compiled, and when one chunk holds the whole stream the two passes become one: a forward with
+a graph, the losses on its output, one backward (3 forward-equivalents of work instead of 4).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from cvfp import fast
 from cvfp.cstar import fast_scan
 from cvfp.metrics import convergence, effective_rank, format_rank, format_rate, relative_residual
 from cvfp.model import CVFPModel
@@ -82,10 +85,11 @@ def parallel_pass(model: CVFPModel, embeddings: torch.Tensor, inputs: torch.Tens
                   precision: str = "fp32") -> torch.Tensor:
     """F(inputs[t], e_t) for all t, chunk by chunk, without a graph: (N, E), (N, C) -> (N, C) float32."""
     out = torch.empty_like(inputs, dtype=torch.float32)
+    step = fast.step_function(model, precision)
     with torch.no_grad(), _autocast(embeddings.device, precision):
         for start in range(0, embeddings.shape[0], chunk):
             stop = start + chunk
-            out[start:stop] = model.step(inputs[start:stop], embeddings[start:stop])[0].float()
+            out[start:stop] = step(inputs[start:stop], embeddings[start:stop])[0].float()
     return out
 
 
@@ -128,6 +132,8 @@ def train_step(model: CVFPModel, optimizer: torch.optim.Optimizer, embeddings: t
     """
     n = embeddings.shape[0]
     inputs = shifted_inputs(previous)
+    if fast.enabled(embeddings.device) and n <= params.batch_tokens:
+        return _single_pass_step(model, optimizer, embeddings, inputs, previous, diversity, params)
     contexts = parallel_pass(model, embeddings, inputs, params.batch_tokens, params.precision)
 
     leaf = contexts.clone().requires_grad_(True)
@@ -149,16 +155,56 @@ def train_step(model: CVFPModel, optimizer: torch.optim.Optimizer, embeddings: t
 
     (grad_contexts,) = torch.autograd.grad(total, leaf)
     optimizer.zero_grad(set_to_none=True)
+    step = fast.step_function(model, params.precision)
     with _autocast(embeddings.device, params.precision):
         for start in range(0, n, params.batch_tokens):
             stop = start + params.batch_tokens
-            chunk = model.step(inputs[start:stop], embeddings[start:stop])[0].float()
+            chunk = step(inputs[start:stop], embeddings[start:stop])[0].float()
             surrogate = (chunk * grad_contexts[start:stop]).sum()  # its gradient is dL/dC's slice pushed through F
             if recon_scale > 0:
                 surrogate = surrogate + recon_scale * _recon_sum(model, chunk, inputs[start:stop], embeddings[start:stop])
             surrogate.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], params.grad_clip)
     if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return contexts, values, True
+    optimizer.step()
+    diversity.commit(contexts)
+    return contexts, values, False
+
+
+def _single_pass_step(model: CVFPModel, optimizer: torch.optim.Optimizer, embeddings: torch.Tensor,
+                      inputs: torch.Tensor, previous: torch.Tensor, diversity: DiversityLoss,
+                      params) -> tuple[torch.Tensor, dict[str, float], bool]:
+    """`train_step` when one chunk holds all N tokens: the same loss and gradient, one forward fewer."""
+    n = embeddings.shape[0]
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(embeddings.device, params.precision):
+        output = fast.step_function(model, params.precision)(inputs, embeddings)[0].float()
+    contexts = output.detach()
+    losses = context_losses(output, previous, diversity, params.dist_reg_weight)
+    total = losses["total_loss"]
+    recon_scale = params.recon_weight / (n * (model.args.context_dim + model.args.embed_dim))
+    recon = torch.zeros((), device=output.device)
+    if recon_scale > 0:
+        with _autocast(embeddings.device, params.precision):
+            recon = _recon_sum(model, output, inputs, embeddings)
+        total = total + recon_scale * recon
+    # backward before reading any number: one host sync per step instead of one before and one after;
+    # a non-finite loss still skips the step (its gradient is dropped below)
+    total.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
+    numbers = torch.stack([losses["cvfp_loss"], losses["diversity_loss"], losses["total_loss"], recon.float(),
+                           grad_norm.float()]).detach().tolist()
+    values = dict(zip(("cvfp_loss", "diversity_loss", "total_loss"), numbers[:3]))
+    if recon_scale > 0:
+        values["recon_loss"] = numbers[3] * recon_scale / params.recon_weight
+        values["total_loss"] += numbers[3] * recon_scale
+    if not math.isfinite(values["total_loss"]):
+        optimizer.zero_grad(set_to_none=True)
+        return contexts, values, True
+    if not math.isfinite(numbers[4]):
         optimizer.zero_grad(set_to_none=True)
         return contexts, values, True
     optimizer.step()

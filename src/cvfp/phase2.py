@@ -12,10 +12,14 @@ from a seeded normal initialisation (`init_head_`).
 Validation uses the same per-position loss, so "validation loss" (early stopping) is the
 training objective measured on the validation stream: CE plus the stability term in
 `stability` mode, CE alone in `replace` mode.
+
+Where the fast paths apply (CUDA, see cvfp.fast), the batch's forward and losses, from the
+embedding lookup to the cross-entropy, run as one compiled function.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cvfp import fast
 from cvfp.metrics import bits_per_byte, format_rate
 from cvfp.model import CVFPModel
 
@@ -68,10 +73,27 @@ def batch_losses(model: CVFPModel, ids: torch.Tensor, cstar: torch.Tensor, posit
     modes, part of `loss` only in `stability` mode), and `correct` (top-1 hits, a count).
     """
     device = next(model.parameters()).device
-    with _autocast(device, precision):
-        logits, context_out = fixed_forward(model, ids, cstar, positions, context_mode)
+    token_ids = ids[positions.to(ids.device)].to(device)
     targets = ids[positions.to(ids.device) + 1].to(device)
+    context_in = input_contexts(cstar, positions.to(cstar.device)).to(device)
     target_contexts = cstar[positions.to(cstar.device)].to(device)
+    losses = fast.compiled(model, "phase2_losses", functools.partial(_losses, model))
+    bf16_stream = fast.enabled(device) and fast.BF16_STREAM and precision == "bf16"
+    return losses(token_ids, context_in, target_contexts, targets, context_mode, stability_weight, precision,
+                  bf16_stream)
+
+
+def _losses(model: CVFPModel, token_ids: torch.Tensor, context_in: torch.Tensor, target_contexts: torch.Tensor,
+            targets: torch.Tensor, context_mode: str, stability_weight: float, precision: str,
+            bf16_stream: bool = False) -> dict[str, torch.Tensor]:
+    """`batch_losses` after the gathers: (B,), (B, C), (B, C) = C*[t], (B,) -> the same dict.
+
+    `bf16_stream` (fast path only) keeps the step's residual stream in bf16 (cvfp.fast.bf16_stream_step).
+    """
+    step = functools.partial(fast.bf16_stream_step, model) if bf16_stream else model.step
+    with _autocast(context_in.device, precision):
+        context_out, token_out = step(context_in, model.embed(token_ids))
+        logits = model.logits(target_contexts if context_mode == "replace" else context_out, token_out)
     ce = F.cross_entropy(logits.float(), targets)
     stability = F.mse_loss(context_out.float(), target_contexts.float())
     loss = ce + stability_weight * stability if context_mode == "stability" else ce
