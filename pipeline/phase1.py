@@ -5,10 +5,12 @@ from cvfp.io import sha256_file, write_csv, write_json
 from cvfp.metrics import format_rank, format_rate
 from cvfp.model import CVFPModel, ModelArgs, save_model
 from cvfp.phase1 import train_phase1
+from cvfp.resume import checkpointer, fingerprint, load_resume_state, remove
 from cvfp.runtime import resolve_device
 from cvfp.stage import report_timing, run_stage, without_timing
 
 TOKENIZER = "data/tokenizer/tokenizer.json"
+RESUME = "models/phase1.resume.pt"  # not a DVC out: DVC would delete it before rerunning the stage
 
 
 def body(params, run):
@@ -19,7 +21,12 @@ def body(params, run):
     print(f"phase1 on {device}: {model.num_parameters()} parameters, "
           f"{train.ids.numel()} train / {val.ids.numel()} val tokens")
 
-    result = train_phase1(model, train.ids, val.ids, params.phase1, params.seed)
+    current = fingerprint(params, ("seed", "model", "phase1"),
+                          {name: sha256_file(path) for name, path in (("tokenizer", TOKENIZER),
+                                                                      ("train", "data/splits/train.safetensors"),
+                                                                      ("val", "data/splits/val.safetensors"))})
+    result = train_phase1(model, train.ids, val.ids, params.phase1, params.seed,
+                          checkpoint=checkpointer(RESUME, current), resume_state=load_resume_state(RESUME, "phase1", current))
 
     save_model("models/phase1.pt", model, params_hash=params.section_hash("seed", "model", "phase1"),
                tokenizer_sha256=sha256_file(TOKENIZER))
@@ -29,6 +36,7 @@ def body(params, run):
     run.log_curves(result.history, "iteration")
     run.log_artifact("metrics/phase1_iterations.csv")
     report_timing("phase1", run, result.timing)
+    remove(RESUME)
 
     dim = result.summary["context_dim"]
     for split in ("train", "val"):

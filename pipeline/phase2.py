@@ -6,11 +6,13 @@ from cvfp.io import ArtifactError, sha256_file, write_csv, write_json
 from cvfp.metrics import format_rate
 from cvfp.model import load_model, save_model
 from cvfp.phase2 import train_phase2
+from cvfp.resume import checkpointer, fingerprint, load_resume_state, remove
 from cvfp.runtime import resolve_device
 from cvfp.stage import report_timing, run_stage, without_timing
 
 TOKENIZER = "data/tokenizer/tokenizer.json"
 PHASE1 = "models/phase1.pt"
+RESUME = "models/phase2.resume.pt"  # not a DVC out: DVC would delete it before rerunning the stage
 
 
 def body(params, run):
@@ -27,8 +29,13 @@ def body(params, run):
     print(f"phase2 on {device}: context_mode {params.phase2.context_mode}, "
           f"{splits['train'].ids.numel()} train / {splits['val'].ids.numel()} val tokens, {val_bytes} val bytes")
 
+    inputs = {"phase1": PHASE1, "tokenizer": TOKENIZER, "train": "data/splits/train.safetensors",
+              "val": "data/splits/val.safetensors", "cstar_train": "data/cstar/train.safetensors",
+              "cstar_val": "data/cstar/val.safetensors"}
+    current = fingerprint(params, ("seed", "phase2"), {name: sha256_file(path) for name, path in inputs.items()})
     result = train_phase2(model, splits["train"].ids, cstar["train"], splits["val"].ids, cstar["val"], val_bytes,
-                          params.phase2, params.seed)
+                          params.phase2, params.seed, checkpoint=checkpointer(RESUME, current),
+                          resume_state=load_resume_state(RESUME, "phase2", current))
 
     summary = result.summary
     save_model("models/phase2.pt", model, phase1_sha256=sha256_file(PHASE1), tokenizer_sha256=sha256_file(TOKENIZER),
@@ -40,6 +47,7 @@ def body(params, run):
     run.log_curves(result.history, "epoch")
     run.log_artifact("metrics/phase2_epochs.csv")
     report_timing("phase2", run, result.timing)
+    remove(RESUME)
 
     if summary["best_epoch"]:
         print(f"best epoch {summary['best_epoch']}/{summary['epochs_run']}: val loss {summary['val_loss']:.4f}, "

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ["dvc.yaml", "pipeline", "src", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
-STAGES = ["tokenizer", "cache", "carve", "phase1", "cstar", "phase2", "evaluate"]
+STAGES = ["tokenizer", "cache", "carve", "phase1", "cstar", "phase2", "evaluate", "baselines", "compare"]
 
 TINY_PARAMS = {
     "device": "cpu", "data.num_samples": 24, "tokenizer.vocab_size": 320, "carve.val_fraction": 0.25,
@@ -22,6 +22,8 @@ TINY_PARAMS = {
     "phase2.epochs": 2, "phase2.batch_size": 256, "phase2.patience": 1,
     "evaluate.batch_size": 512, "evaluate.identity_samples": 32, "evaluate.num_trials": 3,
     "evaluate.contraction_samples": 4, "evaluate.contraction_power_iterations": 5,
+    "baselines.seq_len": 16, "baselines.batch_size": 16, "baselines.transformer.layers": 1,
+    "baselines.transformer.heads": 1, "compare.sample_prompts": 2, "compare.max_new_tokens": 8,
 }
 
 
@@ -44,8 +46,10 @@ def project(tmp_path_factory):
             shutil.copy(source, target)
     write_params(root / "params.yaml", TINY_PARAMS)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(CVFP_NO_PROGRESS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")
+    # one thread per stage: queued experiments run two stages at once, and two 2-thread torch processes on
+    # 2 cores spin-wait each other ~50x slower (tiny tensors gain nothing from a second thread anyway)
+    env.update(OMP_NUM_THREADS="1", CVFP_NO_PROGRESS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
     sh(["git", "init", "-q"], root, env)
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "init"], root, env)
@@ -80,6 +84,18 @@ def test_repro_writes_every_metric(project):
     assert {"final_diff", "slope", "verdict"} <= evaluation["convergence_check"].keys()
     assert (root / "models" / "phase2.pt").is_file()
     assert (root / "metrics" / "phase1_iterations.csv").is_file()
+    compare = read(root, "compare.json")
+    assert list(compare["models"]) == ["cvfp_fixed", "cvfp_free", "gru", "transformer"]
+    for name, row in compare["models"].items():
+        assert {"val_loss", "val_ppl", "val_acc", "val_bpb", "trainable_parameters", "train_tokens_seen"} <= row.keys()
+        assert row["tokens"] == data["val_tokens"] - 1, name
+    for kind in ("gru", "transformer"):
+        assert abs(compare["parameter_ratio"][kind] - 1) <= 0.10
+        assert (root / "models" / f"{kind}.pt").is_file()
+    assert evaluation["free"]["val_bpb"] == compare["models"]["cvfp_free"]["val_bpb"]
+    assert "seconds" not in json.dumps(compare)  # wall clock stays out of DVC-tracked metrics
+    assert "| GRU " in log and "| Transformer " in log  # `dvc repro` prints the comparison table
+    assert "**transformer:**" in (root / "metrics" / "samples.md").read_text()
 
 
 @pytest.mark.slow
@@ -105,6 +121,15 @@ def test_one_parent_run_with_a_child_per_stage(project):
     assert phase1.data.params["model.layer_structure"] == "[1, 1]"
     curve = client.get_metric_history(phase1.info.run_id, "train_effective_rank")
     assert len(curve) == read(root, "phase1.json")["iterations"]
+    compare = next(r for r in children if r.data.tags["cvfp.stage"] == "compare")
+    for name in ("cvfp_fixed", "cvfp_free", "gru", "transformer"):
+        assert compare.data.metrics[f"{name}.val_bpb"] == read(root, "compare.json")["models"][name]["val_bpb"]
+    assert "training_seconds.gru" in compare.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(compare.info.run_id)}
+    assert {"compare.json", "samples.md", "compare_table.md"} <= artifacts
+    baselines = next(r for r in children if r.data.tags["cvfp.stage"] == "baselines")
+    curve = client.get_metric_history(baselines.info.run_id, "gru_val_loss")
+    assert len(curve) == read(root, "baselines.json")["gru"]["epochs_run"]
 
 
 @pytest.mark.slow
@@ -118,6 +143,12 @@ def test_a_param_change_reruns_only_its_stage(project):
         assert list(json.loads(sh(["dvc", "status", "--json"], root, env))) == ["phase2"]
         write_params(root / "params.yaml", {**TINY_PARAMS, "phase1.dist_reg_weight": 0.5})
         assert list(json.loads(sh(["dvc", "status", "--json"], root, env))) == ["phase1"]
+        write_params(root / "params.yaml", {**TINY_PARAMS, "baselines.gru.lr": 0.01})
+        assert list(json.loads(sh(["dvc", "status", "--json"], root, env))) == ["baselines"]
+        write_params(root / "params.yaml", {**TINY_PARAMS, "phase2.epochs": 3})  # the baselines' budget follows
+        assert sorted(json.loads(sh(["dvc", "status", "--json"], root, env))) == ["baselines", "phase2"]
+        write_params(root / "params.yaml", {**TINY_PARAMS, "compare.temperature": 0.0})
+        assert list(json.loads(sh(["dvc", "status", "--json"], root, env))) == ["compare"]
     finally:
         (root / "params.yaml").write_text(params)
 
@@ -138,6 +169,7 @@ def test_report_prints_the_results_table(project):
     root, env, _ = project
     out = sh(["cvfp", "report"], root, env)
     assert "Effective Rank" in out and "identity-mapping check" in out and "val bits per byte, free" in out
+    assert "| CVFP free-running" in out and "| GRU" in out and "| Transformer" in out
     # every rate is printed with its denominator
     assert f"/{read(root, 'data.json')['train_tokens']})" in out
 
@@ -164,7 +196,8 @@ def test_queued_experiments_land_in_the_workspace_store(project):
     assert len(names) == 2
     for name in names:
         stages = sorted(r.data.tags["cvfp.stage"] for r in found if r.data.tags["dvc.exp_name"] == name)
-        assert stages == ["evaluate", "phase2", "pipeline"], (name, stages)  # only the stages the change reruns
+        # only the stages the change reruns
+        assert stages == ["compare", "evaluate", "phase2", "pipeline"], (name, stages)
         lrs = {r.data.params.get("phase2.lr") for r in found if r.data.tags["dvc.exp_name"] == name}
         assert lrs <= {"0.01", "0.0003"}
         evaluate = next(r for r in found if r.data.tags["dvc.exp_name"] == name and r.data.tags["cvfp.stage"] == "evaluate")

@@ -1,4 +1,5 @@
-"""`cvfp` command line: `cvfp report` prints the results of the last `dvc repro` from metrics/*.json."""
+"""`cvfp` command line: `cvfp report` prints the results of the last `dvc repro` from metrics/*.json;
+`cvfp generate` continues a prompt with a trained model."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from cvfp import generate
 from cvfp.metrics import format_rank, format_rate
 
 
@@ -49,6 +51,12 @@ def report(folder: Path, params_file: Path) -> int:
     if evaluation:
         print()
         print(results_table(evaluation, load_params(params_file).evaluate))
+    compare = _load(folder, "compare.json")
+    if compare:
+        from cvfp.compare import comparison_table, training_seconds
+
+        print("\nCVFP against the baselines (metrics/compare.json; samples: metrics/samples.md)")
+        print(comparison_table(compare, training_seconds(folder / "timing")))
     timing_dir = folder / "timing"
     if timing_dir.is_dir():
         times = {}
@@ -65,9 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     show = commands.add_parser("report", help="print the results of the last pipeline run")
     show.add_argument("--metrics", default="metrics", type=Path, help="metrics folder (default: metrics)")
     show.add_argument("--params", default="params.yaml", type=Path)
+    sample = commands.add_parser("generate", help="continue a prompt with the final CVFP model or a baseline")
+    generate.add_arguments(sample)
     args = parser.parse_args(argv)
     if args.command == "report":
         raise SystemExit(report(args.metrics, args.params))
+    if args.command == "generate":
+        raise SystemExit(generate.run(args))
 
 
 if __name__ == "__main__":

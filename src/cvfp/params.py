@@ -92,6 +92,8 @@ class Phase1Params(_Section):
     batch_tokens: PosInt = 8192
     precision: Literal["fp32", "bf16"] = "fp32"
     effective_rank_samples: NonNegInt = 8192
+    checkpoint_interval: PosInt = 1  # iterations between resume checkpoints (models/phase1.resume.pt)
+    max_nonfinite_steps: PosInt = 3  # consecutive non-finite losses before the stage stops as diverged
 
 
 class CstarParams(_Section):
@@ -109,6 +111,8 @@ class Phase2Params(_Section):
     freeze_context: bool = False
     freeze_embedding: bool = False
     precision: Literal["fp32", "bf16"] = "fp32"
+    checkpoint_interval: PosInt = 1  # epochs between resume checkpoints (models/phase2.resume.pt)
+    max_nonfinite_steps: PosInt = 100  # consecutive non-finite batch losses before the stage stops as diverged
 
 
 class EvaluateParams(_Section):
@@ -128,6 +132,35 @@ class EvaluateParams(_Section):
     pairwise_samples: Annotated[int, Field(ge=2)] = 1024  # rows sampled for mean pairwise cosine/distance
 
 
+class GRUBaselineParams(_Section):
+    layers: PosInt = 1
+    lr: PosFloat = 0.003
+
+
+class TransformerBaselineParams(_Section):
+    layers: PosInt = 2
+    heads: PosInt = 4
+    ffn_mult: PosInt = 4
+    lr: PosFloat = 0.003
+
+
+class BaselinesParams(_Section):
+    seq_len: Annotated[int, Field(ge=2)] = 64
+    batch_size: PosInt = 32
+    budget_tokens: NonNegInt = 0  # training tokens; 0 = Phase 2's: phase2.epochs x (train tokens - 1)
+    patience: PosInt = 3
+    grad_clip: PosFloat = 1.0
+    gru: GRUBaselineParams = GRUBaselineParams()
+    transformer: TransformerBaselineParams = TransformerBaselineParams()
+
+
+class CompareParams(_Section):
+    sample_prompts: NonNegInt = 3  # validation documents (evenly spaced) whose first user turn is a sample prompt
+    max_new_tokens: PosInt = 40
+    temperature: NonNegFloat = 0.8  # 0 = greedy
+    top_k: NonNegInt = 40  # 0 = the whole vocabulary
+
+
 class Params(_Section):
     seed: NonNegInt = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -139,6 +172,8 @@ class Params(_Section):
     cstar: CstarParams = CstarParams()
     phase2: Phase2Params = Phase2Params()
     evaluate: EvaluateParams = EvaluateParams()
+    baselines: BaselinesParams = BaselinesParams()
+    compare: CompareParams = CompareParams()
 
     @model_validator(mode="after")
     def _recon_needs_decoder(self) -> "Params":

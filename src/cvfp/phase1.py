@@ -246,17 +246,27 @@ def _stats(contexts: torch.Tensor, previous: torch.Tensor | None, losses: dict[s
 
 
 def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tensor, params, seed: int,
-                 log: Callable[[str], None] = print) -> Phase1Result:
+                 log: Callable[[str], None] = print, *,
+                 checkpoint: Callable[[dict[str, Any]], None] | None = None,
+                 resume_state: dict[str, Any] | None = None) -> Phase1Result:
     """Run Phase 1 on the train stream, mirroring each iteration on validation without updates.
 
     `params` is the `phase1` section. `max_iterations` counts iteration 0 (the sequential scan).
+    `checkpoint(state)` is called every `params.checkpoint_interval` iterations (never after the
+    last one) with everything needed to continue; `resume_state` (such a state) continues from it,
+    giving the same result as an uninterrupted run. After `params.max_nonfinite_steps`
+    consecutive non-finite losses the run stops with a StageError.
     """
+    from cvfp.resume import rng_state, set_rng_state, to_cpu
     from cvfp.runtime import progress
+    from cvfp.stage import StageError
 
     device = next(model.parameters()).device
     model.zero_head_()
     model.token_embedding.requires_grad_(False)  # Phase 1 input embeddings are computed once
     model.embed_norm.requires_grad_(False)
+    if resume_state is not None:  # before the embeddings are computed from the model
+        model.load_state_dict(resume_state["state_dict"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=params.lr)
     with torch.no_grad():
@@ -265,10 +275,23 @@ def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tenso
     dim = model.context_dim
     result = Phase1Result()
     previous: dict[str, torch.Tensor] = {}
-    skipped_steps = 0
+    skipped_steps, nonfinite_run, first = 0, 0, 0
+    interval = getattr(params, "checkpoint_interval", 1)
+    max_nonfinite = getattr(params, "max_nonfinite_steps", None)
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        set_rng_state(resume_state["rng"], device)
+        for split, state in resume_state["diversity"].items():
+            diversity[split].mean = None if state["mean"] is None else state["mean"].to(device)
+            diversity[split].var = None if state["var"] is None else state["var"].to(device)
+        previous = {split: tensor.to(device) for split, tensor in resume_state["previous"].items()}
+        result.history = list(resume_state["history"])
+        skipped_steps, nonfinite_run = resume_state["skipped_steps"], resume_state["nonfinite_run"]
+        first = resume_state["iteration"] + 1
+        log(f"resuming from iteration {first} (checkpoint after iteration {resume_state['iteration']})")
     started = time.perf_counter()
     last: dict[str, IterationStats] = {}
-    bar = progress(range(params.max_iterations), desc="phase1", unit="iter")
+    bar = progress(range(first, params.max_iterations), desc="phase1", unit="iter")
     for iteration in bar:
         row: dict[str, Any] = {"iteration": iteration}
         for split in ("train", "val"):
@@ -280,6 +303,13 @@ def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tenso
                 contexts, losses, skipped = train_step(model, optimizer, embeddings[split], previous[split],
                                                        diversity[split], params)
                 skipped_steps += skipped
+                nonfinite_run = nonfinite_run + 1 if skipped else 0
+                if max_nonfinite is not None and nonfinite_run >= max_nonfinite:
+                    bar.close()
+                    raise StageError(
+                        f"phase1 diverged: {nonfinite_run} consecutive non-finite losses/gradients, the last at "
+                        f"iteration {iteration} (phase1.max_nonfinite_steps={max_nonfinite}); the last good resume "
+                        f"checkpoint is kept; lower phase1.lr or check the data")
             else:
                 contexts, losses = evaluate_step(model, embeddings[split], previous[split], diversity[split], params)
             stats = _stats(contexts, previous.get(split), losses, params, seed, time.perf_counter() - tick, skipped)
@@ -296,6 +326,14 @@ def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tenso
         if iteration >= 2 and converged / last["train"].tokens >= params.min_converged_ratio:
             log(f"early stop: train convergence reached phase1.min_converged_ratio={params.min_converged_ratio}")
             break
+        if (checkpoint is not None and nonfinite_run == 0 and iteration < params.max_iterations - 1
+                and (iteration + 1) % interval == 0):
+            checkpoint(to_cpu({
+                "stage": "phase1", "iteration": iteration, "state_dict": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "rng": rng_state(device),
+                "diversity": {split: {"mean": d.mean, "var": d.var} for split, d in diversity.items()},
+                "previous": previous, "history": result.history, "skipped_steps": skipped_steps,
+                "nonfinite_run": nonfinite_run}))
     bar.close()
 
     result.summary = {split: _split_summary(last[split], dim) for split in ("train", "val")}

@@ -177,15 +177,24 @@ def _validation_row(model: CVFPModel, val_ids: torch.Tensor, val_cstar: torch.Te
 
 def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.Tensor, val_ids: torch.Tensor,
                  val_cstar: torch.Tensor, val_bytes: int, params, seed: int,
-                 log: Callable[[str], None] = print) -> Phase2Result:
+                 log: Callable[[str], None] = print, *,
+                 checkpoint: Callable[[dict[str, Any]], None] | None = None,
+                 resume_state: dict[str, Any] | None = None) -> Phase2Result:
     """Train the head (and, unless frozen, blocks and embedding) on C*, with early stopping.
 
     train_ids (N,), train_cstar (N, C), val_ids (M,), val_cstar (M, C); `val_bytes` is the
     UTF-8 byte count of the validation documents (bits per byte); `params` is the `phase2`
     section. On return the model holds the weights of the epoch with the lowest validation
     loss (the initial weights if no epoch gave a finite one).
+
+    `checkpoint(state)` is called every `params.checkpoint_interval` epochs (never after the
+    last one) with everything needed to continue; `resume_state` (such a state) continues from
+    it, giving the same result as an uninterrupted run. After `params.max_nonfinite_steps`
+    consecutive non-finite batch losses the run stops with a StageError.
     """
+    from cvfp.resume import rng_state, set_rng_state, to_cpu
     from cvfp.runtime import progress
+    from cvfp.stage import StageError
 
     if params.context_mode not in CONTEXT_MODES:
         raise ValueError(f"phase2.context_mode must be one of {CONTEXT_MODES}, got {params.context_mode!r}")
@@ -202,28 +211,51 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
     result = Phase2Result()
     best_loss, best_epoch = math.inf, 0
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    skipped_steps, tokens_seen, stopped_early = 0, 0, False
+    skipped_steps, tokens_seen, stopped_early, nonfinite_run, first = 0, 0, False, 0, 1
+    interval = getattr(params, "checkpoint_interval", 1)
+    max_nonfinite = getattr(params, "max_nonfinite_steps", None)
+    if resume_state is not None:
+        model.load_state_dict(resume_state["state_dict"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        set_rng_state(resume_state["rng"], device)
+        generator.set_state(resume_state["generator"])
+        best_loss, best_epoch = resume_state["best_loss"], resume_state["best_epoch"]
+        best_state = {k: v.to(device) for k, v in resume_state["best_state"].items()}
+        result.history = list(resume_state["history"])
+        skipped_steps, tokens_seen = resume_state["skipped_steps"], resume_state["tokens_seen"]
+        nonfinite_run = resume_state["nonfinite_run"]
+        first = resume_state["epoch"] + 1
+        log(f"resuming from epoch {first} (checkpoint after epoch {resume_state['epoch']})")
     started = time.perf_counter()
-    for epoch in range(1, params.epochs + 1):
+    for epoch in range(first, params.epochs + 1):
         tick = time.perf_counter()
         order = torch.randperm(num_positions, generator=generator).to(device)
         sums = {"loss": 0.0, "ce": 0.0, "stability": 0.0}
         seen = 0
         bar = progress(order.split(params.batch_size), total=num_batches, desc=f"phase2 epoch {epoch}/{params.epochs}",
                        unit="batch")
-        for batch in bar:
+        for index, batch in enumerate(bar, start=1):
             losses = batch_losses(model, train_ids, train_cstar, batch, params.context_mode,
                                   params.context_stability_weight, params.precision)
-            if not torch.isfinite(losses["loss"]):
-                skipped_steps += 1
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
-            if not torch.isfinite(grad_norm):
+            finite = bool(torch.isfinite(losses["loss"]))
+            if finite:
                 optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
+                if not torch.isfinite(grad_norm):
+                    optimizer.zero_grad(set_to_none=True)
+                    finite = False
+            if not finite:
                 skipped_steps += 1
+                nonfinite_run += 1
+                if max_nonfinite is not None and nonfinite_run >= max_nonfinite:
+                    bar.close()
+                    raise StageError(
+                        f"phase2 diverged: {nonfinite_run} consecutive non-finite losses/gradients, the last at "
+                        f"epoch {epoch}, batch {index}/{num_batches} (phase2.max_nonfinite_steps={max_nonfinite}); "
+                        f"the last good resume checkpoint is kept; lower phase2.lr or check the data")
                 continue
+            nonfinite_run = 0
             optimizer.step()
             for key in sums:
                 sums[key] += float(losses[key].detach()) * batch.numel()
@@ -249,6 +281,13 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
             log(f"early stop: validation loss has not improved for {params.patience} epochs (phase2.patience); "
                 f"keeping epoch {best_epoch}")
             break
+        if checkpoint is not None and epoch < params.epochs and epoch % interval == 0:
+            checkpoint(to_cpu({
+                "stage": "phase2", "epoch": epoch, "state_dict": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "rng": rng_state(device), "generator": generator.get_state(),
+                "best_loss": best_loss, "best_epoch": best_epoch, "best_state": best_state,
+                "history": result.history, "skipped_steps": skipped_steps, "tokens_seen": tokens_seen,
+                "nonfinite_run": nonfinite_run}))
 
     model.load_state_dict(best_state)
     best_row = result.history[best_epoch - 1] if best_epoch else {}

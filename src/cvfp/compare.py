@@ -1,0 +1,165 @@
+"""Is CVFP any good? CVFP (fixed and free-running), the GRU and the Transformer in one table, and samples.
+
+Every model's numbers come from the same summed counts over the same validation positions
+(the N-1 next-token predictions of the validation stream): total cross-entropy nats, the
+number of predictions, top-1 hits. Loss, perplexity, accuracy and bits per byte are then
+computed for all of them by one function, `cvfp.metrics.next_token_metrics` (bits per byte:
+`cvfp.metrics.bits_per_byte`, total nats / (ln 2 x validation UTF-8 bytes)).
+
+Training seconds are wall clock: they are read from metrics/timing/*.json and never written
+to metrics/compare.json, which must be identical when the same params run twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from cvfp.baselines import KINDS, PARAM_TOLERANCE
+from cvfp.metrics import next_token_metrics
+from cvfp.stage import StageError
+
+ROWS = ("cvfp_fixed", "cvfp_free", *KINDS)
+LABELS = {"cvfp_fixed": "CVFP fixed (contexts = C*)", "cvfp_free": "CVFP free-running", "gru": "GRU",
+          "transformer": "Transformer"}
+COUNTS = ("total_nats", "tokens", "correct")
+SAMPLE_MODELS = ("cvfp", *KINDS)
+
+
+def comparison(evaluation: dict[str, Any], phase1: dict[str, Any], phase2: dict[str, Any],
+               baselines: dict[str, Any]) -> dict[str, Any]:
+    """metrics/compare.json from metrics/{eval,phase1,phase2,baselines}.json.
+
+    Refuses inputs measured on different validation data (other byte or position counts).
+    """
+    val_bytes = evaluation["val_bytes"]
+    if baselines["val_bytes"] != val_bytes:
+        raise StageError(f"metrics/baselines.json has {baselines['val_bytes']} validation bytes, metrics/eval.json "
+                           f"{val_bytes}: rerun the stale stage (dvc repro)")
+    sources = {f"cvfp_{mode}": evaluation[mode] for mode in ("fixed", "free")}
+    sources.update({kind: baselines[kind] for kind in KINDS})
+    positions = {name: source["tokens"] for name, source in sources.items()}
+    if len(set(positions.values())) != 1:
+        raise StageError(f"the models were validated on different numbers of positions {positions}: rerun the "
+                           f"stale stage (dvc repro)")
+    models = {}
+    for name, source in sources.items():
+        is_cvfp = name.startswith("cvfp")
+        trained = phase2 if is_cvfp else source
+        models[name] = {**next_token_metrics({key: source[key] for key in COUNTS}, val_bytes),
+                        "trainable_parameters": trained["trainable_parameters"],
+                        "train_tokens_seen": trained["train_tokens_seen"]}
+    target = phase2["trainable_parameters"]
+    return {
+        "models": {name: {key: _finite(value) for key, value in row.items()} for name, row in models.items()},
+        "val_bytes": val_bytes, "val_predicted": next(iter(positions.values())),
+        "parameter_ratio": {kind: models[kind]["trainable_parameters"] / target for kind in KINDS},
+        "phase1_iterations": phase1["iterations"], "phase1_train_tokens": phase1["train"]["tokens"],
+        "best_val_bpb": min((row["val_bpb"], name) for name, row in models.items())[1],
+    }
+
+
+def training_seconds(timing_dir: str | Path) -> dict[str, float | None]:
+    """Wall-clock training seconds per row from metrics/timing/: CVFP = phase1 + C* (train split) + phase2
+    (the same for fixed and free: one model); each baseline its own training. None where a file is missing."""
+    folder = Path(timing_dir)
+
+    def read(stage: str) -> dict[str, Any]:
+        path = folder / f"{stage}.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    phase1, cstar, phase2, baselines = (read(stage) for stage in ("phase1", "cstar", "phase2", "baselines"))
+    parts = (phase1.get("seconds"), cstar.get("train_seconds"), phase2.get("seconds"))
+    cvfp = sum(parts) if all(part is not None for part in parts) else None
+    return {"cvfp_fixed": cvfp, "cvfp_free": cvfp, **{kind: baselines.get(f"{kind}_seconds") for kind in KINDS}}
+
+
+def comparison_table(compare: dict[str, Any], seconds: dict[str, float | None]) -> str:
+    """The comparison table (markdown, readable as plain text) with its footnotes."""
+    header = ("model", "val loss", "val ppl", "val accuracy", "val bits/byte", "trainable params", "training tokens",
+              "training s")
+    rows = []
+    for name in ROWS:
+        m = compare["models"][name]
+        rows.append((LABELS[name], _f(m["val_loss"]), _f(m["val_ppl"], ".2f"),
+                     f"{100 * m['correct'] / m['tokens']:.1f}% ({m['correct']}/{m['tokens']})", _f(m["val_bpb"]),
+                     str(m["trainable_parameters"]), str(m["train_tokens_seen"]), _f(seconds.get(name), ".1f")))
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in (header, *rows)]
+    lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    ratios = ", ".join(f"{LABELS[kind]} {ratio - 1:+.1%}" for kind, ratio in compare["parameter_ratio"].items())
+    lines += [
+        "",
+        f"- validation: the same {compare['val_predicted']} next-token predictions for every model; bits per byte = "
+        f"total nats / (ln 2 x {compare['val_bytes']} UTF-8 bytes), one function for all "
+        f"(cvfp.metrics.next_token_metrics). Lowest bits per byte: {LABELS[compare['best_val_bpb']]}.",
+        f"- trainable params: CVFP's = what Phase 2 trains; the baselines are matched within "
+        f"{PARAM_TOLERANCE:.0%} ({ratios}); embeddings and heads untied everywhere.",
+        f"- training tokens: next-token predictions trained on (the budget is Phase 2's). CVFP's Phase 1 also made "
+        f"{compare['phase1_iterations']} passes over {compare['phase1_train_tokens']} train tokens without a "
+        f"next-token objective.",
+        "- training s: wall clock from metrics/timing/ (not in compare.json): CVFP = phase1 + C* (train) + phase2; "
+        "the baselines' own training; all include their per-epoch validation.",
+        "- GRU: hidden state carried across the validation stream (like CVFP's free-running scan); Transformer: "
+        "non-overlapping windows of baselines.seq_len tokens, no carry.",
+    ]
+    return "\n".join(lines)
+
+
+def _f(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def validation_prompts(val, tokenizer, count: int) -> list[dict[str, str]]:
+    """`count` fixed prompts: the first user turn of validation documents, with the turn that answered it
+    (`reference`). `val` is a TokenStream. The documents are evenly spaced over those whose first user
+    turn has a reply (over those with a user turn, if none has)."""
+    from cvfp.data.corpus import ROLE_TOKENS
+    from cvfp.data.tokenizer import special_token_ids
+    from cvfp.generate import decode
+
+    special = special_token_ids(tokenizer)
+    user, special_set = special[ROLE_TOKENS["user"]], set(special.values())
+    found = []
+    for index in range(val.num_docs):
+        turns, current = [], None  # (role id, content ids) per turn
+        for token in val.doc(index).tolist():
+            if token in special_set:
+                current = (token, [])
+                turns.append(current)
+            elif current is not None:
+                current[1].append(token)
+        first = next((i for i, (role, content) in enumerate(turns) if role == user and content), None)
+        if first is not None:
+            reply = turns[first + 1][1] if first + 1 < len(turns) else []
+            found.append({"document": index, "prompt": decode(tokenizer, turns[first][1]),
+                          "reference": decode(tokenizer, reply)})
+    answered = [prompt for prompt in found if prompt["reference"]] or found
+    if not answered or not count:
+        return []
+    picks = sorted({round(i * (len(answered) - 1) / max(count - 1, 1)) for i in range(count)})
+    return [answered[i] for i in picks]
+
+
+def samples_markdown(samples: list[dict[str, Any]], settings: str) -> str:
+    """metrics/samples.md: each prompt, the reference reply and every model's continuation."""
+    lines = ["# Samples", "", f"Prompts: the first user turn of validation documents. {settings}", ""]
+    for number, sample in enumerate(samples, start=1):
+        lines += [f"## {number}. validation document {sample['document']}", "",
+                  f"**prompt:** {_inline(sample['prompt'])}", "",
+                  f"**reference reply:** {_inline(sample['reference'])}", ""]
+        for model in SAMPLE_MODELS:
+            lines += [f"**{model}:** {_inline(sample[model])}", ""]
+    return "\n".join(lines)
+
+
+def _inline(text: str) -> str:
+    """One markdown line: newlines shown as ⏎; an empty text as `(empty)`."""
+    text = text.replace("\r\n", "\n").replace("\n", " \u23ce ")
+    return text if text.strip() else "`(empty)`"

@@ -1,0 +1,198 @@
+"""Reliability: a killed Phase 1/2 resumes to the same result; changed params start fresh; divergence stops."""
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_params
+
+import cvfp.phase1 as phase1
+import cvfp.phase2 as phase2
+from cvfp.params import Params, Phase1Params, Phase2Params
+from cvfp.resume import checkpointer, fingerprint, load_resume_state
+from cvfp.stage import StageError
+from test_phase1 import tiny_model as tiny_model1
+from test_phase2 import CONTEXT, stream
+from test_phase2 import tiny_model as tiny_model2
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def quiet(_):
+    pass
+
+
+def roundtrip(state):
+    """What a checkpoint file gives back: torch.save, then torch.load(weights_only=True)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def untimed(rows):
+    return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in rows]
+
+
+def phase1_params(**overrides):
+    base = dict(max_iterations=6, batch_tokens=7, min_converged_ratio=1.0, effective_rank_samples=0,
+                diversity="ema_variance", lr=0.01)
+    base.update(overrides)
+    return Phase1Params(**base)
+
+
+def test_phase1_resumes_bitwise_from_a_checkpoint():
+    ids = torch.randint(0, 40, (23,), generator=torch.Generator().manual_seed(3))
+    states = []
+    full = phase1.train_phase1(tiny_model1(), ids, ids[:11], phase1_params(), seed=0, log=quiet,
+                               checkpoint=lambda state: states.append(roundtrip(state)))
+    assert [s["iteration"] for s in states] == [0, 1, 2, 3, 4]  # never after the last iteration
+    lines = []
+    torch.manual_seed(999)  # the global RNG is restored from the checkpoint, whatever it is now
+    resumed = phase1.train_phase1(tiny_model1(seed=5), ids, ids[:11], phase1_params(), seed=0, log=lines.append,
+                                  resume_state=states[2])
+    assert any("resuming from iteration 3" in line for line in lines)
+    assert resumed.summary == full.summary
+    assert untimed(resumed.history) == untimed(full.history)
+    assert torch.equal(resumed.train_contexts, full.train_contexts)
+    assert torch.equal(resumed.val_contexts, full.val_contexts)
+
+
+def test_phase2_resumes_bitwise_from_a_checkpoint():
+    ids, val_ids = stream(60), stream(30, seed=2)
+    cstar, val_cstar = torch.randn(60, CONTEXT), torch.randn(30, CONTEXT)
+    params = Phase2Params(epochs=4, batch_size=8, lr=0.01, patience=4)
+    states = []
+    full_model = tiny_model2()
+    full = phase2.train_phase2(full_model, ids, cstar, val_ids, val_cstar, 100, params, seed=0, log=quiet,
+                               checkpoint=lambda state: states.append(roundtrip(state)))
+    assert [s["epoch"] for s in states] == [1, 2, 3]
+    lines = []
+    torch.manual_seed(999)
+    resumed_model = tiny_model2()
+    resumed = phase2.train_phase2(resumed_model, ids, cstar, val_ids, val_cstar, 100, params, seed=0,
+                                  log=lines.append, resume_state=states[1])
+    assert any("resuming from epoch 3" in line for line in lines)
+    assert resumed.summary == full.summary
+    assert untimed(resumed.history) == untimed(full.history)
+    for key, value in full_model.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[key], value), key
+
+
+def test_changed_params_are_not_resumed(tmp_path):
+    path = tmp_path / "phase1.resume.pt"
+    params = Params()
+    current = fingerprint(params, ("seed", "model", "phase1"), {"train": "abc"})
+    assert "phase1.checkpoint_interval" not in current  # saving more often does not change the result
+    checkpointer(path, current)({"state_dict": {"w": torch.ones(2)}, "iteration": 1})
+    assert load_resume_state(path, "phase1", current, log=quiet)["iteration"] == 1
+
+    changed = Params.model_validate({"phase1": {"lr": 0.5}})
+    lines = []
+    assert load_resume_state(path, "phase1", fingerprint(changed, ("seed", "model", "phase1"), {"train": "abc"}),
+                             log=lines.append) is None
+    assert "phase1.lr" in lines[0] and "starting fresh" in lines[0]
+    lines.clear()
+    assert load_resume_state(path, "phase1", {**current, "input.train": "def"}, log=lines.append) is None
+    assert "input.train" in lines[0]
+    path.write_bytes(b"garbage")
+    lines.clear()
+    assert load_resume_state(path, "phase1", current, log=lines.append) is None
+    assert "starting fresh" in lines[0]
+
+
+def test_phase1_divergence_stops_naming_the_iteration(monkeypatch):
+    real = phase1.context_losses
+
+    def poisoned(contexts, previous, diversity, weight):
+        losses = real(contexts, previous, diversity, weight)
+        if contexts.requires_grad:
+            losses["total_loss"] = losses["total_loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(phase1, "context_losses", poisoned)
+    ids = torch.randint(0, 40, (20,))
+    saved = []
+    with pytest.raises(StageError, match=r"iteration 2 .*max_nonfinite_steps=2"):
+        phase1.train_phase1(tiny_model1(), ids, ids[:10], phase1_params(max_nonfinite_steps=2), seed=0, log=quiet,
+                            checkpoint=saved.append)
+    assert [s["iteration"] for s in saved] == [0]  # the last good state; none written while diverging
+
+
+def test_phase2_divergence_stops_naming_the_epoch():
+    ids = stream(40)
+    cstar = torch.full((40, CONTEXT), float("nan"))
+    params = Phase2Params(epochs=3, batch_size=8, lr=0.01, patience=3, max_nonfinite_steps=2)
+    with pytest.raises(StageError, match=r"epoch 1, batch 2/5"):
+        phase2.train_phase2(tiny_model2(), ids, cstar, ids, cstar, 100, params, seed=0, log=quiet)
+
+
+# ---- the real stage, killed and rerun ----------------------------------------------------------------------------
+
+TINY = {
+    "device": "cpu", "data.num_samples": 6, "tokenizer.vocab_size": 320, "carve.val_fraction": 0.5,
+    "model.context_dim": 8, "model.embed_dim": 8, "model.hidden_dim": 16, "model.layer_structure": [1, 1],
+    "phase1.max_iterations": 40, "phase1.batch_tokens": 512, "phase1.effective_rank_samples": 0,
+    "phase1.min_converged_ratio": 1.0, "phase1.checkpoint_interval": 1,
+}
+
+
+def stage(root, name, env, **kwargs):
+    return subprocess.run([sys.executable, str(REPO / "pipeline" / f"{name}.py")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def new_project(base, name, data=None):
+    root = base / name
+    root.mkdir()
+    write_params(root / "params.yaml", TINY)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(CVFP_NO_PROGRESS="1", MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
+    if data is not None:
+        shutil.copytree(data, root / "data")
+    return root, env
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root, env = new_project(tmp_path_factory.mktemp("resume"), "data")
+    scripts = [str(REPO / "pipeline" / f"{name}.py") for name in ("tokenizer", "cache", "carve")]
+    code = f"import runpy\nfor path in {scripts!r}:\n    runpy.run_path(path, run_name='__main__')\n"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]  # the three data stages in one interpreter: faster
+    return root / "data"
+
+
+@pytest.mark.slow
+def test_killed_phase1_stage_resumes_to_the_same_metrics(tmp_path, data_dir):
+    clean, env = new_project(tmp_path, "clean", data_dir)
+    done = stage(clean, "phase1", env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (clean / "models" / "phase1.resume.pt").exists()  # removed on success
+
+    killed, env = new_project(tmp_path, "killed", data_dir)
+    resume_file = killed / "models" / "phase1.resume.pt"
+    process = subprocess.Popen([sys.executable, str(REPO / "pipeline" / "phase1.py")], cwd=killed, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not resume_file.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "phase1 finished before it could be killed"
+    assert resume_file.exists() and not (killed / "metrics" / "phase1.json").exists()
+
+    rerun = stage(killed, "phase1", env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from iteration" in rerun.stdout
+    assert (killed / "metrics" / "phase1.json").read_bytes() == (clean / "metrics" / "phase1.json").read_bytes()
+    assert ((killed / "metrics" / "phase1_iterations.csv").read_bytes()
+            == (clean / "metrics" / "phase1_iterations.csv").read_bytes())
+    assert not resume_file.exists()
