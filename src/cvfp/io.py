@@ -93,13 +93,23 @@ def tensor_digest(tensors: dict[str, Any]) -> str:
 
 def save_tensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
     """Save CPU tensors with safetensors, atomically, recording their sha256 in the metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     meta = dict(metadata or {})
     meta["sha256"] = tensor_digest(tensors)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        tmp.write_bytes(_canonical_safetensors(save(tensors, metadata=meta)))
+
+
+def _canonical_safetensors(blob: bytes) -> bytes:
+    """Rewrite the JSON header with sorted keys: safetensors writes its metadata map in a random
+    (hash) order, which would make identical tensors hash differently in dvc.lock."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + blob[8 + size:]
 
 
 def load_tensors(path: str | Path, stage: str) -> tuple[dict[str, Any], dict[str, str]]:
