@@ -257,9 +257,8 @@ def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tenso
     giving the same result as an uninterrupted run. After `params.max_nonfinite_steps`
     consecutive non-finite losses the run stops with a StageError.
     """
-    from cvfp.resume import rng_state, set_rng_state, to_cpu
+    from cvfp.resume import rng_state, set_rng_state, stop_if_diverged, to_cpu
     from cvfp.runtime import progress
-    from cvfp.stage import StageError
 
     device = next(model.parameters()).device
     model.zero_head_()
@@ -304,12 +303,7 @@ def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tenso
                                                        diversity[split], params)
                 skipped_steps += skipped
                 nonfinite_run = nonfinite_run + 1 if skipped else 0
-                if max_nonfinite is not None and nonfinite_run >= max_nonfinite:
-                    bar.close()
-                    raise StageError(
-                        f"phase1 diverged: {nonfinite_run} consecutive non-finite losses/gradients, the last at "
-                        f"iteration {iteration} (phase1.max_nonfinite_steps={max_nonfinite}); the last good resume "
-                        f"checkpoint is kept; lower phase1.lr or check the data")
+                stop_if_diverged("phase1", nonfinite_run, max_nonfinite, f"iteration {iteration}", bar)
             else:
                 contexts, losses = evaluate_step(model, embeddings[split], previous[split], diversity[split], params)
             stats = _stats(contexts, previous.get(split), losses, params, seed, time.perf_counter() - tick, skipped)

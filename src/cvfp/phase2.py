@@ -192,9 +192,8 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
     it, giving the same result as an uninterrupted run. After `params.max_nonfinite_steps`
     consecutive non-finite batch losses the run stops with a StageError.
     """
-    from cvfp.resume import rng_state, set_rng_state, to_cpu
+    from cvfp.resume import rng_state, set_rng_state, stop_if_diverged, to_cpu
     from cvfp.runtime import progress
-    from cvfp.stage import StageError
 
     if params.context_mode not in CONTEXT_MODES:
         raise ValueError(f"phase2.context_mode must be one of {CONTEXT_MODES}, got {params.context_mode!r}")
@@ -248,12 +247,8 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
             if not finite:
                 skipped_steps += 1
                 nonfinite_run += 1
-                if max_nonfinite is not None and nonfinite_run >= max_nonfinite:
-                    bar.close()
-                    raise StageError(
-                        f"phase2 diverged: {nonfinite_run} consecutive non-finite losses/gradients, the last at "
-                        f"epoch {epoch}, batch {index}/{num_batches} (phase2.max_nonfinite_steps={max_nonfinite}); "
-                        f"the last good resume checkpoint is kept; lower phase2.lr or check the data")
+                stop_if_diverged("phase2", nonfinite_run, max_nonfinite, f"epoch {epoch}, batch {index}/{num_batches}",
+                                 bar)
                 continue
             nonfinite_run = 0
             optimizer.step()
