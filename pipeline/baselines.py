@@ -2,6 +2,7 @@
 
 import torch
 
+from cvfp import distributed
 from cvfp.baselines import (KINDS, baseline_args, build, cvfp_trainable_parameters, match_width, save_baseline,
                             train_baseline)
 from cvfp.data.carve import load_split
@@ -15,6 +16,8 @@ CURVES = ("train_loss", "val_loss", "val_ppl", "val_acc", "val_bpb")  # per-epoc
 
 def body(params, run):
     device = resolve_device(params.device)
+    world = distributed.current()
+    say = distributed.main_only(print, world)
     train = load_split("data/splits/train.safetensors", TOKENIZER)
     val = load_split("data/splits/val.safetensors", TOKENIZER)
     val_bytes = int(val.doc_bytes.sum())
@@ -22,7 +25,8 @@ def body(params, run):
     budget = params.baselines.budget_tokens or params.phase2.epochs * (train.ids.numel() - 1)
     rule = "baselines.budget_tokens" if params.baselines.budget_tokens else \
         f"Phase 2's: phase2.epochs {params.phase2.epochs} x {train.ids.numel() - 1} train positions"
-    print(f"baselines on {device}: CVFP Phase 2 trains {target} parameters; budget {budget} training tokens ({rule})")
+    say(f"baselines on {device} x {world.size} process(es): CVFP Phase 2 trains {target} parameters; "
+        f"budget {budget} training tokens ({rule})")
 
     summaries, curves, timing = {}, {}, {}
     for kind in KINDS:
@@ -30,12 +34,14 @@ def body(params, run):
             width, count = match_width(kind, target, train.vocab_size, params.baselines)
         except ValueError as err:
             raise StageError(str(err)) from None
-        print(f"{kind}: width {width}, {count} trainable parameters vs CVFP's {target} "
-              f"({(count - target) / target:+.1%})")
+        say(f"{kind}: width {width}, {count} trainable parameters vs CVFP's {target} "
+            f"({(count - target) / target:+.1%})")
         torch.manual_seed(params.seed)  # each model's initialisation independent of the other's
         model = build(kind, baseline_args(kind, width, train.vocab_size, params.baselines)).to(device)
         lr = getattr(params.baselines, kind).lr
         result = train_baseline(model, train.ids, val.ids, val_bytes, params.baselines, lr, budget, params.seed, kind)
+        if not world.is_main:  # rank 0 writes every output
+            continue
         summaries[kind] = {**result.summary, "cvfp_trainable_parameters": target,
                            "parameter_ratio": count / target, "lr": lr}
         curves[kind] = result.history
@@ -44,6 +50,8 @@ def body(params, run):
         save_baseline(f"models/{kind}.pt", kind, model, tokenizer_sha256=sha256_file(TOKENIZER),
                       params_hash=params.section_hash("seed", "model", "phase2", "baselines"))
 
+    if not world.is_main:
+        return
     rows = _side_by_side(curves)
     write_json("metrics/baselines.json", {**summaries, "val_bytes": val_bytes, "budget_tokens": budget})
     write_csv("metrics/baselines_epochs.csv", rows)
@@ -71,4 +79,4 @@ def _side_by_side(curves):
 
 
 if __name__ == "__main__":
-    run_stage("baselines", body)
+    run_stage("baselines", body, data_parallel=True)

@@ -1,5 +1,6 @@
 """DVC stage `phase1`: learn fixed-point contexts (SPEC section 4); writes models/phase1.pt."""
 
+from cvfp import distributed
 from cvfp.data.carve import load_split
 from cvfp.io import sha256_file, write_csv, write_json
 from cvfp.metrics import format_rank, format_rate
@@ -15,18 +16,24 @@ RESUME = "models/phase1.resume.pt"  # not a DVC out: DVC would delete it before 
 
 def body(params, run):
     device = resolve_device(params.device)
+    world = distributed.current()
     train = load_split("data/splits/train.safetensors", TOKENIZER)
     val = load_split("data/splits/val.safetensors", TOKENIZER)
     model = CVFPModel(ModelArgs.from_params(params.model, train.vocab_size)).to(device)
-    print(f"phase1 on {device}: {model.num_parameters()} parameters, "
-          f"{train.ids.numel()} train / {val.ids.numel()} val tokens")
+    if world.is_main:
+        print(f"phase1 on {device} x {world.size} process(es): {model.num_parameters()} parameters, "
+              f"{train.ids.numel()} train / {val.ids.numel()} val tokens")
 
     current = fingerprint(params, ("seed", "model", "phase1"),
                           {name: sha256_file(path) for name, path in (("tokenizer", TOKENIZER),
                                                                       ("train", "data/splits/train.safetensors"),
                                                                       ("val", "data/splits/val.safetensors"))})
+    resume = load_resume_state(RESUME, "phase1", current, log=distributed.main_only(print, world))
     result = train_phase1(model, train.ids, val.ids, params.phase1, params.seed,
-                          checkpoint=checkpointer(RESUME, current), resume_state=load_resume_state(RESUME, "phase1", current))
+                          checkpoint=checkpointer(RESUME, current) if world.is_main else None,
+                          resume_state=resume)
+    if not world.is_main:  # rank 0 writes every output
+        return
 
     save_model("models/phase1.pt", model, params_hash=params.section_hash("seed", "model", "phase1"),
                tokenizer_sha256=sha256_file(TOKENIZER))
@@ -51,4 +58,4 @@ def body(params, run):
 
 
 if __name__ == "__main__":
-    run_stage("phase1", body)
+    run_stage("phase1", body, data_parallel=True)

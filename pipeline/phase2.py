@@ -1,5 +1,6 @@
 """DVC stage `phase2`: next-token prediction on the frozen contexts C* (SPEC section 6); writes models/phase2.pt."""
 
+from cvfp import distributed
 from cvfp.cstar import load_cstar
 from cvfp.data.carve import load_split
 from cvfp.io import ArtifactError, sha256_file, write_csv, write_json
@@ -17,6 +18,7 @@ RESUME = "models/phase2.resume.pt"  # not a DVC out: DVC would delete it before 
 
 def body(params, run):
     device = resolve_device(params.device)
+    world = distributed.current()
     model, _ = load_model(PHASE1, "phase1", device)
     splits, cstar = {}, {}
     for split in ("train", "val"):
@@ -26,16 +28,20 @@ def body(params, run):
             raise ArtifactError(f"data/cstar/{split}.safetensors: {cstar[split].shape[0]} contexts for "
                                 f"{splits[split].ids.numel()} tokens; rerun the 'cstar' stage (dvc repro cstar)")
     val_bytes = int(splits["val"].doc_bytes.sum())
-    print(f"phase2 on {device}: context_mode {params.phase2.context_mode}, "
-          f"{splits['train'].ids.numel()} train / {splits['val'].ids.numel()} val tokens, {val_bytes} val bytes")
+    if world.is_main:
+        print(f"phase2 on {device} x {world.size} process(es): context_mode {params.phase2.context_mode}, "
+              f"{splits['train'].ids.numel()} train / {splits['val'].ids.numel()} val tokens, {val_bytes} val bytes")
 
     inputs = {"phase1": PHASE1, "tokenizer": TOKENIZER, "train": "data/splits/train.safetensors",
               "val": "data/splits/val.safetensors", "cstar_train": "data/cstar/train.safetensors",
               "cstar_val": "data/cstar/val.safetensors"}
     current = fingerprint(params, ("seed", "phase2"), {name: sha256_file(path) for name, path in inputs.items()})
+    resume = load_resume_state(RESUME, "phase2", current, log=distributed.main_only(print, world))
     result = train_phase2(model, splits["train"].ids, cstar["train"], splits["val"].ids, cstar["val"], val_bytes,
-                          params.phase2, params.seed, checkpoint=checkpointer(RESUME, current),
-                          resume_state=load_resume_state(RESUME, "phase2", current))
+                          params.phase2, params.seed, checkpoint=checkpointer(RESUME, current) if world.is_main else None,
+                          resume_state=resume)
+    if not world.is_main:  # rank 0 writes every output
+        return
 
     summary = result.summary
     save_model("models/phase2.pt", model, phase1_sha256=sha256_file(PHASE1), tokenizer_sha256=sha256_file(TOKENIZER),
@@ -59,4 +65,4 @@ def body(params, run):
 
 
 if __name__ == "__main__":
-    run_stage("phase2", body)
+    run_stage("phase2", body, data_parallel=True)

@@ -115,7 +115,7 @@ def test_early_stopping_restores_the_best_epoch(monkeypatch):
     val_losses = iter([3.0, 2.0, 2.5, 2.6, 2.7, 1.0, 0.5])
     states = []
 
-    def fake_evaluate(model, ids, cstar, batch_size, context_mode, precision="fp32"):
+    def fake_evaluate(model, ids, cstar, batch_size, context_mode, precision="fp32", world=None):
         states.append(copy.deepcopy(model.state_dict()))  # the weights this epoch ended with
         tokens = ids.shape[0] - 1
         return {"total_nats": next(val_losses) * tokens, "tokens": tokens, "correct": 0, "stability_mse": 0.0}

@@ -30,6 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cvfp.distributed import (SINGLE, Shard, World, average_gradients, broadcast_module, main_only,
+                              sampler_batches)
+from cvfp.distributed import current as current_world
 from cvfp.io import ArtifactError, load_checkpoint, save_checkpoint
 from cvfp.metrics import format_rate, next_token_metrics
 
@@ -218,16 +221,25 @@ class BaselineResult:
 
 def train_baseline(model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Tensor, val_bytes: int, params,
                    lr: float, budget_tokens: int, seed: int, name: str,
-                   log: Callable[[str], None] = print) -> BaselineResult:
+                   log: Callable[[str], None] = print, world: World | None = None) -> BaselineResult:
     """Train a baseline for at most `budget_tokens` predicted positions, early-stopping on val loss.
 
     train_ids (N,), val_ids (M,); `params` is the `baselines` section (seq_len, batch_size,
     patience, grad_clip). An epoch is one shuffled pass over the train windows (N-1 positions);
     the last epoch stops mid-way when the budget runs out (targets past it are masked).
     On return the model holds the weights of the epoch with the lowest validation loss.
+
+    Under torchrun (`world`, default: the initialised process group) each global batch of
+    windows (DistributedSampler's seeded order) is split between the ranks, every window
+    i of it going to rank i mod N; the loss is the batch's summed CE over ranks divided by its
+    global target count, gradients are averaged. Validation runs whole on every rank (the GRU
+    reads the stream in order), so every rank sees the same numbers.
     """
     from cvfp.runtime import progress
 
+    world = world or current_world()
+    log = main_only(log, world)
+    broadcast_module(model, world)
     device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     inputs, targets = windows(train_ids, params.seq_len)
@@ -235,7 +247,6 @@ def train_baseline(model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Ten
     if per_epoch == 0 or budget_tokens <= 0:
         raise ValueError(f"nothing to train: {per_epoch} training positions, a budget of {budget_tokens} tokens")
     epochs = math.ceil(budget_tokens / per_epoch)
-    generator = torch.Generator().manual_seed(seed)  # window order, independent of the device
 
     result = BaselineResult()
     best_loss, best_epoch, tokens_seen, skipped_steps, stopped_early = math.inf, 0, 0, 0, False
@@ -244,26 +255,35 @@ def train_baseline(model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Ten
     model.train()
     for epoch in range(1, epochs + 1):
         tick = time.perf_counter()
-        order = torch.randperm(inputs.shape[0], generator=generator)
         total, seen = 0.0, 0
-        bar = progress(order.split(params.batch_size), total=math.ceil(order.numel() / params.batch_size),
-                       desc=f"{name} epoch {epoch}/{epochs}", unit="batch")
-        for batch in bar:
+        batches = sampler_batches(inputs.shape[0], params.batch_size, seed, epoch, SINGLE)  # global batches
+        bar = progress(batches, total=math.ceil(inputs.shape[0] / params.batch_size),
+                       desc=f"{name} epoch {epoch}/{epochs}", unit="batch", disable=not world.is_main)
+        for batch, _ in bar:
             remaining = budget_tokens - tokens_seen - seen
             if remaining <= 0:
                 break
-            x, y = inputs[batch].to(device), targets[batch].clone()
+            y = targets[batch].clone()
             valid = y != IGNORE
             y[valid & (valid.flatten().cumsum(0).view_as(y) > remaining)] = IGNORE  # past the budget
-            y = y.to(device)
-            count = int((y != IGNORE).sum())
-            logits, _ = model(x)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=IGNORE)
+            count = int((y != IGNORE).sum())  # over the global batch
+            if count == 0:
+                continue
+            mine = slice(world.rank, None, world.size)  # this rank's windows of it
+            x, y = inputs[batch][mine].to(device), y[mine].to(device)
+            if x.shape[0]:
+                logits, _ = model(x)
+                local = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
+                                        ignore_index=IGNORE, reduction="sum")
+            else:
+                local = torch.zeros((), device=device, requires_grad=True)
+            loss = Shard(count, world).sum(local) / count
             if not torch.isfinite(loss):
                 skipped_steps += 1
                 continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(list(model.parameters()), world)
             if not torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)):
                 skipped_steps += 1
                 continue

@@ -40,12 +40,18 @@ def effective_rank(matrix: torch.Tensor, samples: int = 0, seed: int = 0) -> flo
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def sample_indices(n: int, samples: int, seed: int) -> torch.Tensor:
+    """A seeded subset of `samples` of the row indices 0..n-1, sorted; all of them when samples is 0 or >= n."""
+    if samples and n > samples:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randperm(n, generator=generator)[:samples].sort().values
+    return torch.arange(n)
+
+
 def sample_rows(matrix: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
     """A seeded subset of `samples` rows of (N, D), in their original order; all rows when samples is 0 or >= N."""
     if samples and matrix.shape[0] > samples:
-        generator = torch.Generator().manual_seed(seed)
-        rows = torch.randperm(matrix.shape[0], generator=generator)[:samples].sort().values
-        return matrix[rows.to(matrix.device)]
+        return matrix[sample_indices(matrix.shape[0], samples, seed).to(matrix.device)]
     return matrix
 
 

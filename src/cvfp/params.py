@@ -161,6 +161,10 @@ class CompareParams(_Section):
     top_k: NonNegInt = 40  # 0 = the whole vocabulary
 
 
+class DistributedParams(_Section):
+    nproc_per_node: Annotated[int, Field(ge=1, le=1024)] = 1
+
+
 class Params(_Section):
     seed: NonNegInt = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -174,11 +178,18 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     baselines: BaselinesParams = BaselinesParams()
     compare: CompareParams = CompareParams()
+    distributed: DistributedParams = DistributedParams()
 
     @model_validator(mode="after")
     def _recon_needs_decoder(self) -> "Params":
         if self.phase1.recon_weight > 0 and not self.model.decoder:
             raise ValueError("phase1.recon_weight > 0 needs model.decoder: true")
+        nproc = self.distributed.nproc_per_node
+        for key, size in (("phase2.batch_size", self.phase2.batch_size),
+                          ("baselines.batch_size", self.baselines.batch_size)):
+            if size % nproc:
+                raise ValueError(f"{key}={size} must be divisible by distributed.nproc_per_node={nproc} "
+                                 f"(each process takes an equal share of a batch)")
         return self
 
     def flat(self) -> dict[str, Any]:

@@ -12,6 +12,13 @@ Memory is bounded by one chunk's graph, and the one optimizer step per iteration
 exact full-batch gradient. Where the fast paths apply (CUDA, see cvfp.fast) the step is
 compiled, and when one chunk holds the whole stream the two passes become one: a forward with
 a graph, the losses on its output, one backward (3 forward-equivalents of work instead of 4).
+
+Data parallel (torchrun, see cvfp.distributed): each rank holds a contiguous shard of each
+stream. Token lo's input context is the previous rank's last context of the previous
+iteration (`carry`, one vector exchanged per iteration; rank 0 gets the last rank's). The
+losses' sums over tokens go through `Shard.sum`, so every rank computes the whole loss and,
+with averaged gradients, the one-process gradient. Iteration 0 is the exact sequential scan
+on rank 0, broadcast to the others.
 """
 
 from __future__ import annotations
@@ -22,57 +29,77 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from cvfp import fast
 from cvfp.cstar import fast_scan
-from cvfp.metrics import convergence, effective_rank, format_rank, format_rate, relative_residual
+from cvfp.distributed import (Shard, World, average_gradients, broadcast, broadcast_module, gather_rows, main_only,
+                              previous_rank_rows, select_rows, sum_numbers)
+from cvfp.distributed import current as current_world
+from cvfp.metrics import effective_rank, format_rank, format_rate, sample_indices
 from cvfp.model import CVFPModel
 
 EMA_EPS = 1e-6  # the seed's guard in 1 / (mean(var) + eps)
 
 
 class DiversityLoss:
-    """The diversity term on a context matrix C (N, C); keeps EMA state for `ema_variance`."""
+    """The diversity term on a context matrix C (N, C); keeps EMA state for `ema_variance`.
 
-    def __init__(self, kind: str, momentum: float):
+    `part` says which rows of the stream the matrices passed in are (all of them by default);
+    means over tokens are sums over all ranks' rows divided by the stream's N.
+    """
+
+    def __init__(self, kind: str, momentum: float, part: Shard | None = None):
         self.kind = kind
         self.momentum = momentum
+        self.part = part
         self.mean: torch.Tensor | None = None
         self.var: torch.Tensor | None = None
 
+    def _part(self, contexts: torch.Tensor) -> Shard:
+        return self.part or Shard(contexts.shape[0])
+
     def __call__(self, contexts: torch.Tensor) -> torch.Tensor:
+        part = self._part(contexts)
         if self.kind == "global_deviation":
             # -||C - mean(C)||_F / N: larger spread around the centroid, lower loss
-            return -(contexts - contexts.mean(dim=0, keepdim=True)).norm() / contexts.shape[0]
+            centroid = part.sum(contexts.sum(dim=0)) / part.n
+            return -part.sum((contexts - centroid).pow(2).sum()).sqrt() / part.n
         if self.mean is None:  # the seed initialises mean to the first contexts and var to ones
-            self.mean = contexts.detach().mean(dim=0)
+            self.mean = part.sum(contexts.detach().sum(dim=0)) / part.n
             self.var = torch.ones_like(self.mean)
         m = self.momentum
         # this iteration's share of the EMA stays differentiable (SPEC: the seed's fully
         # detached version gave the loss no gradient at all)
-        var = m * self.var + (1 - m) * (contexts - self.mean).pow(2).mean(dim=0)
+        var = m * self.var + (1 - m) * part.sum((contexts - self.mean).pow(2).sum(dim=0)) / part.n
         return 1.0 / (var.mean() + EMA_EPS)
 
     def commit(self, contexts: torch.Tensor) -> None:
         """Advance the EMA statistics with this iteration's (detached) contexts."""
         if self.kind != "ema_variance" or self.mean is None:
             return
-        contexts = contexts.detach()
-        m = self.momentum
-        self.var = m * self.var + (1 - m) * (contexts - self.mean).pow(2).mean(dim=0)
-        self.mean = m * self.mean + (1 - m) * contexts.mean(dim=0)
+        contexts, part, m = contexts.detach(), self._part(contexts), self.momentum
+        self.var = m * self.var + (1 - m) * part.sum((contexts - self.mean).pow(2).sum(dim=0)) / part.n
+        self.mean = m * self.mean + (1 - m) * part.sum(contexts.sum(dim=0)) / part.n
 
 
-def shifted_inputs(previous: torch.Tensor) -> torch.Tensor:
-    """Input context of token t is previous[t-1]; token 0 gets previous[-1] (carry-over)."""
-    return torch.roll(previous, shifts=1, dims=0)
+def shifted_inputs(previous: torch.Tensor, carry: torch.Tensor | None = None) -> torch.Tensor:
+    """Input context of token t is previous[t-1]; the first token gets `carry`.
+
+    In one process `carry` is previous[-1], the stream's last context (carry-over, the
+    default); on a rank holding a shard it is the previous rank's last context.
+    """
+    carry = previous[-1] if carry is None else carry
+    return torch.cat([carry.unsqueeze(0).to(previous.dtype), previous[:-1]])
 
 
 def context_losses(contexts: torch.Tensor, previous: torch.Tensor, diversity: DiversityLoss,
                    dist_reg_weight: float) -> dict[str, torch.Tensor]:
-    """CVFP loss (raw MSE against the previous iteration, no normalisation) and diversity loss."""
-    cvfp = F.mse_loss(contexts, previous)
+    """CVFP loss (raw MSE against the previous iteration, no normalisation) and diversity loss.
+
+    Over the whole stream: the rows of `contexts` are `diversity.part` of it.
+    """
+    part = diversity._part(contexts)
+    cvfp = part.sum((contexts - previous).pow(2).sum()) / (part.n * contexts.shape[1])
     div = diversity(contexts)
     return {"cvfp_loss": cvfp, "diversity_loss": div, "total_loss": (1 - dist_reg_weight) * cvfp + dist_reg_weight * div}
 
@@ -124,14 +151,18 @@ class IterationStats:
 
 
 def train_step(model: CVFPModel, optimizer: torch.optim.Optimizer, embeddings: torch.Tensor,
-               previous: torch.Tensor, diversity: DiversityLoss, params) -> tuple[torch.Tensor, dict[str, float], bool]:
+               previous: torch.Tensor, diversity: DiversityLoss, params,
+               carry: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float], bool]:
     """One parallel iteration with one optimizer step over all N tokens.
 
-    Returns (contexts (N, C) computed before the step, loss values, skipped). A non-finite
-    loss or gradient skips the step; the caller counts it.
+    embeddings and previous hold the rows `diversity.part` of the stream (all by default),
+    `carry` the input context of its first row (see `shifted_inputs`). Returns (contexts
+    computed before the step, loss values, skipped). A non-finite loss or gradient skips the
+    step; the caller counts it.
     """
     n = embeddings.shape[0]
-    inputs = shifted_inputs(previous)
+    part = diversity._part(previous)
+    inputs = shifted_inputs(previous, carry)
     if fast.enabled(embeddings.device) and n <= params.batch_tokens:
         return _single_pass_step(model, optimizer, embeddings, inputs, previous, diversity, params)
     contexts = parallel_pass(model, embeddings, inputs, params.batch_tokens, params.precision)
@@ -139,13 +170,13 @@ def train_step(model: CVFPModel, optimizer: torch.optim.Optimizer, embeddings: t
     leaf = contexts.clone().requires_grad_(True)
     losses = context_losses(leaf, previous, diversity, params.dist_reg_weight)
     total = losses["total_loss"]
-    recon_scale = params.recon_weight / (n * (model.args.context_dim + model.args.embed_dim))
+    recon_scale = params.recon_weight / (part.n * (model.args.context_dim + model.args.embed_dim))
     recon_total = 0.0
     if recon_scale > 0:
         with torch.no_grad():
-            recon_total = sum(float(_recon_sum(model, contexts[s:s + params.batch_tokens], inputs[s:s + params.batch_tokens],
-                                               embeddings[s:s + params.batch_tokens]))
-                              for s in range(0, n, params.batch_tokens))
+            local = sum(_recon_sum(model, contexts[s:s + params.batch_tokens], inputs[s:s + params.batch_tokens],
+                                   embeddings[s:s + params.batch_tokens]) for s in range(0, n, params.batch_tokens))
+            recon_total = float(part.sum(local))
     values = {k: float(v.detach()) for k, v in losses.items()}
     if recon_scale > 0:
         values["recon_loss"] = recon_total * recon_scale / params.recon_weight  # the decoder's plain MSE
@@ -161,10 +192,13 @@ def train_step(model: CVFPModel, optimizer: torch.optim.Optimizer, embeddings: t
             stop = start + params.batch_tokens
             chunk = step(inputs[start:stop], embeddings[start:stop])[0].float()
             surrogate = (chunk * grad_contexts[start:stop]).sum()  # its gradient is dL/dC's slice pushed through F
-            if recon_scale > 0:
-                surrogate = surrogate + recon_scale * _recon_sum(model, chunk, inputs[start:stop], embeddings[start:stop])
+            if recon_scale > 0:  # x world size: each rank stands for the whole loss (see cvfp.distributed)
+                surrogate = surrogate + part.world.size * recon_scale * _recon_sum(
+                    model, chunk, inputs[start:stop], embeddings[start:stop])
             surrogate.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], params.grad_clip)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    average_gradients(trainable, part.world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         return contexts, values, True
@@ -177,23 +211,24 @@ def _single_pass_step(model: CVFPModel, optimizer: torch.optim.Optimizer, embedd
                       inputs: torch.Tensor, previous: torch.Tensor, diversity: DiversityLoss,
                       params) -> tuple[torch.Tensor, dict[str, float], bool]:
     """`train_step` when one chunk holds all N tokens: the same loss and gradient, one forward fewer."""
-    n = embeddings.shape[0]
+    part = diversity._part(previous)
     optimizer.zero_grad(set_to_none=True)
     with _autocast(embeddings.device, params.precision):
         output = fast.step_function(model, params.precision)(inputs, embeddings)[0].float()
     contexts = output.detach()
     losses = context_losses(output, previous, diversity, params.dist_reg_weight)
     total = losses["total_loss"]
-    recon_scale = params.recon_weight / (n * (model.args.context_dim + model.args.embed_dim))
+    recon_scale = params.recon_weight / (part.n * (model.args.context_dim + model.args.embed_dim))
     recon = torch.zeros((), device=output.device)
     if recon_scale > 0:
         with _autocast(embeddings.device, params.precision):
-            recon = _recon_sum(model, output, inputs, embeddings)
+            recon = part.sum(_recon_sum(model, output, inputs, embeddings))
         total = total + recon_scale * recon
     # backward before reading any number: one host sync per step instead of one before and one after;
     # a non-finite loss still skips the step (its gradient is dropped below)
     total.backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    average_gradients(trainable, part.world)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
     numbers = torch.stack([losses["cvfp_loss"], losses["diversity_loss"], losses["total_loss"], recon.float(),
                            grad_norm.float()]).detach().tolist()
@@ -213,9 +248,9 @@ def _single_pass_step(model: CVFPModel, optimizer: torch.optim.Optimizer, embedd
 
 
 def evaluate_step(model: CVFPModel, embeddings: torch.Tensor, previous: torch.Tensor, diversity: DiversityLoss,
-                  params) -> tuple[torch.Tensor, dict[str, float]]:
+                  params, carry: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The same parallel iteration with no parameter update (validation)."""
-    contexts = parallel_pass(model, embeddings, shifted_inputs(previous), params.batch_tokens, params.precision)
+    contexts = parallel_pass(model, embeddings, shifted_inputs(previous, carry), params.batch_tokens, params.precision)
     losses = context_losses(contexts, previous, diversity, params.dist_reg_weight)
     diversity.commit(contexts)
     return contexts, {k: float(v) for k, v in losses.items()}
@@ -231,24 +266,30 @@ class Phase1Result:
 
 
 def _stats(contexts: torch.Tensor, previous: torch.Tensor | None, losses: dict[str, float] | None, params,
-           seed: int, seconds: float, skipped: bool = False) -> IterationStats:
-    converged = None
+           seed: int, seconds: float, part: Shard, skipped: bool = False) -> IterationStats:
+    """Numbers of the whole stream, from this rank's rows `part` of it (counts and norms summed over ranks)."""
+    converged, residual = None, None
     if previous is not None:
-        converged, _ = convergence(contexts, previous, params.convergence_threshold)
+        change = (contexts.float() - previous.float()).pow(2)
+        count, change_sq, norm_sq = sum_numbers(
+            [float((change.mean(dim=-1) < params.convergence_threshold).sum()), float(change.sum()),
+             float(contexts.float().pow(2).sum())], part.world)
+        converged = int(count)
+        # ||c^k - c^(k-1)|| / ||c^k|| (the deep-equilibrium-model convention)
+        residual = math.sqrt(change_sq / norm_sq) if norm_sq > 0 else math.inf
+    rows = select_rows(contexts, part.lo, sample_indices(part.n, params.effective_rank_samples, seed), part.world)
     return IterationStats(
         cvfp_loss=losses["cvfp_loss"] if losses else None,
         diversity_loss=losses["diversity_loss"] if losses else None,
         total_loss=losses["total_loss"] if losses else None,
-        converged_tokens=converged, tokens=contexts.shape[0],
-        effective_rank=effective_rank(contexts, params.effective_rank_samples, seed),
-        relative_residual=relative_residual(contexts, previous) if previous is not None else None,
-        seconds=seconds, skipped=skipped)
+        converged_tokens=converged, tokens=part.n, effective_rank=effective_rank(rows),
+        relative_residual=residual, seconds=seconds, skipped=skipped)
 
 
 def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tensor, params, seed: int,
                  log: Callable[[str], None] = print, *,
                  checkpoint: Callable[[dict[str, Any]], None] | None = None,
-                 resume_state: dict[str, Any] | None = None) -> Phase1Result:
+                 resume_state: dict[str, Any] | None = None, world: World | None = None) -> Phase1Result:
     """Run Phase 1 on the train stream, mirroring each iteration on validation without updates.
 
     `params` is the `phase1` section. `max_iterations` counts iteration 0 (the sequential scan).
@@ -256,24 +297,36 @@ def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tenso
     last one) with everything needed to continue; `resume_state` (such a state) continues from it,
     giving the same result as an uninterrupted run. After `params.max_nonfinite_steps`
     consecutive non-finite losses the run stops with a StageError.
+
+    Under torchrun (`world`, default: the initialised process group) every rank calls this with
+    the same arguments and trains on its shard; every rank returns the same result.
     """
     from cvfp.resume import rng_state, set_rng_state, stop_if_diverged, to_cpu
     from cvfp.runtime import progress
 
+    world = world or current_world()
+    log = main_only(log, world)
     device = next(model.parameters()).device
+    ids = {"train": train_ids, "val": val_ids}
+    parts = {split: Shard(split_ids.numel(), world) for split, split_ids in ids.items()}
+    for split, part in parts.items():
+        if part.n < world.size:
+            raise ValueError(f"the {split} stream has {part.n} tokens, fewer than the {world.size} processes")
     model.zero_head_()
     model.token_embedding.requires_grad_(False)  # Phase 1 input embeddings are computed once
     model.embed_norm.requires_grad_(False)
     if resume_state is not None:  # before the embeddings are computed from the model
         model.load_state_dict(resume_state["state_dict"])
+    broadcast_module(model, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=params.lr)
-    with torch.no_grad():
-        embeddings = {"train": model.embed(train_ids.to(device)), "val": model.embed(val_ids.to(device))}
-    diversity = {split: DiversityLoss(params.diversity, params.ema_momentum) for split in embeddings}
+    with torch.no_grad():  # this rank's rows
+        embeddings = {split: model.embed(ids[split][part.lo:part.hi].to(device)) for split, part in parts.items()}
+    diversity = {split: DiversityLoss(params.diversity, params.ema_momentum, parts[split]) for split in embeddings}
     dim = model.context_dim
     result = Phase1Result()
-    previous: dict[str, torch.Tensor] = {}
+    previous: dict[str, torch.Tensor] = {}  # this rank's rows of the last accepted iteration
+    carry: dict[str, torch.Tensor] = {}  # the input context of this rank's first row
     skipped_steps, nonfinite_run, first = 0, 0, 0
     interval = getattr(params, "checkpoint_interval", 1)
     max_nonfinite = getattr(params, "max_nonfinite_steps", None)
@@ -283,33 +336,38 @@ def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tenso
         for split, state in resume_state["diversity"].items():
             diversity[split].mean = None if state["mean"] is None else state["mean"].to(device)
             diversity[split].var = None if state["var"] is None else state["var"].to(device)
-        previous = {split: tensor.to(device) for split, tensor in resume_state["previous"].items()}
+        for split, full in resume_state["previous"].items():
+            previous[split], carry[split] = _own_rows(full.to(device), parts[split])
         result.history = list(resume_state["history"])
         skipped_steps, nonfinite_run = resume_state["skipped_steps"], resume_state["nonfinite_run"]
         first = resume_state["iteration"] + 1
         log(f"resuming from iteration {first} (checkpoint after iteration {resume_state['iteration']})")
     started = time.perf_counter()
     last: dict[str, IterationStats] = {}
-    bar = progress(range(first, params.max_iterations), desc="phase1", unit="iter")
+    bar = progress(range(first, params.max_iterations), desc="phase1", unit="iter", disable=not world.is_main)
     for iteration in bar:
         row: dict[str, Any] = {"iteration": iteration}
         for split in ("train", "val"):
             tick = time.perf_counter()
             losses, skipped = None, False
             if iteration == 0:
-                contexts = fast_scan(model, embeddings[split], progress_desc=f"phase1 scan {split}")
+                contexts, carry[split] = _own_rows(_scan_on_rank0(model, ids[split], parts[split], split), parts[split])
             elif split == "train":
                 contexts, losses, skipped = train_step(model, optimizer, embeddings[split], previous[split],
-                                                       diversity[split], params)
+                                                       diversity[split], params, carry[split])
                 skipped_steps += skipped
                 nonfinite_run = nonfinite_run + 1 if skipped else 0
                 stop_if_diverged("phase1", nonfinite_run, max_nonfinite, f"iteration {iteration}", bar)
             else:
-                contexts, losses = evaluate_step(model, embeddings[split], previous[split], diversity[split], params)
-            stats = _stats(contexts, previous.get(split), losses, params, seed, time.perf_counter() - tick, skipped)
+                contexts, losses = evaluate_step(model, embeddings[split], previous[split], diversity[split], params,
+                                                 carry[split])
+            stats = _stats(contexts, previous.get(split), losses, params, seed, time.perf_counter() - tick,
+                           parts[split], skipped)
             last[split] = stats
             row.update(stats.row(split))
             if not skipped:
+                if iteration > 0:
+                    carry[split] = previous_rank_rows(contexts[-1], world)
                 previous[split] = contexts
         row["skipped_steps"] = skipped_steps
         result.history.append(row)
@@ -320,22 +378,41 @@ def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tenso
         if iteration >= 2 and converged / last["train"].tokens >= params.min_converged_ratio:
             log(f"early stop: train convergence reached phase1.min_converged_ratio={params.min_converged_ratio}")
             break
-        if (checkpoint is not None and nonfinite_run == 0 and iteration < params.max_iterations - 1
-                and (iteration + 1) % interval == 0):
-            checkpoint(to_cpu({
-                "stage": "phase1", "iteration": iteration, "state_dict": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": rng_state(device),
-                "diversity": {split: {"mean": d.mean, "var": d.var} for split, d in diversity.items()},
-                "previous": previous, "history": result.history, "skipped_steps": skipped_steps,
-                "nonfinite_run": nonfinite_run}))
+        due = nonfinite_run == 0 and iteration < params.max_iterations - 1 and (iteration + 1) % interval == 0
+        if due and (checkpoint is not None or world.active):  # every rank joins the gather
+            full = {split: gather_rows(previous[split], parts[split].n, world) for split in previous}
+            if checkpoint is not None:
+                checkpoint(to_cpu({
+                    "stage": "phase1", "iteration": iteration, "state_dict": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "rng": rng_state(device),
+                    "diversity": {split: {"mean": d.mean, "var": d.var} for split, d in diversity.items()},
+                    "previous": full, "history": result.history, "skipped_steps": skipped_steps,
+                    "nonfinite_run": nonfinite_run}))
     bar.close()
 
     result.summary = {split: _split_summary(last[split], dim) for split in ("train", "val")}
     result.summary.update({"iterations": len(result.history), "skipped_steps": skipped_steps, "context_dim": dim})
     result.timing = {"seconds": time.perf_counter() - started,
                      "seconds_per_iteration": [row.get("train_seconds", 0.0) for row in result.history]}
-    result.train_contexts, result.val_contexts = previous["train"], previous["val"]
+    result.train_contexts = gather_rows(previous["train"], parts["train"].n, world)
+    result.val_contexts = gather_rows(previous["val"], parts["val"].n, world)
     return result
+
+
+def _scan_on_rank0(model: CVFPModel, ids: torch.Tensor, part: Shard, split: str) -> torch.Tensor:
+    """Iteration 0, the exact sequential scan from c = 0 of the whole stream: run on rank 0, broadcast."""
+    device = next(model.parameters()).device
+    if part.world.is_main:
+        with torch.no_grad():
+            contexts = fast_scan(model, model.embed(ids.to(device)), progress_desc=f"phase1 scan {split}").float()
+    else:
+        contexts = torch.empty(part.n, model.context_dim, device=device)
+    return broadcast(contexts.contiguous(), part.world)
+
+
+def _own_rows(full: torch.Tensor, part: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of a whole-stream matrix, and the carry: the row before them (the last row for rank 0)."""
+    return full[part.lo:part.hi].clone(), full[part.lo - 1].clone()
 
 
 def _split_summary(stats: IterationStats, dim: int) -> dict[str, Any]:

@@ -15,6 +15,12 @@ training objective measured on the validation stream: CE plus the stability term
 
 Where the fast paths apply (CUDA, see cvfp.fast), the batch's forward and losses, from the
 embedding lookup to the cross-entropy, run as one compiled function.
+
+Data parallel (torchrun, see cvfp.distributed): the positions of an epoch follow
+DistributedSampler's seeded order (`set_epoch`); each rank computes its share of each global
+batch, the batch loss is the sum over ranks divided by the global batch size, gradients are
+averaged, and validation sums are reduced, so every rank takes the same steps and the same
+early-stopping decision as one process would.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cvfp import fast
+from cvfp.distributed import (Shard, World, average_gradients, broadcast_module, main_only, sampler_batches,
+                              sum_numbers)
+from cvfp.distributed import current as current_world
 from cvfp.metrics import bits_per_byte, format_rate
 from cvfp.model import CVFPModel
 
@@ -103,22 +112,24 @@ def _losses(model: CVFPModel, token_ids: torch.Tensor, context_in: torch.Tensor,
 
 @torch.no_grad()
 def evaluate_fixed(model: CVFPModel, ids: torch.Tensor, cstar: torch.Tensor, batch_size: int, context_mode: str,
-                   precision: str = "fp32") -> dict[str, Any]:
+                   precision: str = "fp32", world: World | None = None) -> dict[str, Any]:
     """Next-token numbers with contexts = C* over all N-1 positions of a stream, batched, no gradients.
 
     ids (N,), cstar (N, C) -> dict(total_nats: summed CE, tokens: N-1, correct: top-1 hits,
     stability_mse: mean MSE(context_out, C*[t]) over positions and dimensions).
+    Under torchrun each rank takes a contiguous shard of the positions and the sums are reduced.
     """
-    positions = torch.arange(ids.shape[0] - 1, device=ids.device)
+    part = Shard(ids.shape[0] - 1, world or current_world())
+    positions = torch.arange(part.lo, part.hi, device=ids.device)
     total_nats, correct, stability_sum = 0.0, 0, 0.0
     for batch in positions.split(batch_size):
         losses = batch_losses(model, ids, cstar, batch, context_mode, 0.0, precision)
         total_nats += float(losses["ce"]) * batch.numel()
         stability_sum += float(losses["stability"]) * batch.numel()
         correct += int(losses["correct"])
-    tokens = positions.numel()
-    return {"total_nats": total_nats, "tokens": tokens, "correct": correct,
-            "stability_mse": stability_sum / max(tokens, 1)}
+    total_nats, correct, stability_sum = sum_numbers([total_nats, correct, stability_sum], part.world)
+    return {"total_nats": total_nats, "tokens": part.n, "correct": int(correct),
+            "stability_mse": stability_sum / max(part.n, 1)}
 
 
 def init_head_(model: CVFPModel, seed: int) -> None:
@@ -166,8 +177,8 @@ class Phase2Result:
 
 
 def _validation_row(model: CVFPModel, val_ids: torch.Tensor, val_cstar: torch.Tensor, val_bytes: int,
-                    params) -> dict[str, Any]:
-    val = evaluate_fixed(model, val_ids, val_cstar, params.batch_size, params.context_mode, params.precision)
+                    params, world: World) -> dict[str, Any]:
+    val = evaluate_fixed(model, val_ids, val_cstar, params.batch_size, params.context_mode, params.precision, world)
     ce = val["total_nats"] / val["tokens"]
     loss = ce + params.context_stability_weight * val["stability_mse"] if params.context_mode == "stability" else ce
     return {"val_loss": loss, "val_ce": ce, "val_stability": val["stability_mse"], "val_ppl": perplexity(ce),
@@ -179,7 +190,7 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
                  val_cstar: torch.Tensor, val_bytes: int, params, seed: int,
                  log: Callable[[str], None] = print, *,
                  checkpoint: Callable[[dict[str, Any]], None] | None = None,
-                 resume_state: dict[str, Any] | None = None) -> Phase2Result:
+                 resume_state: dict[str, Any] | None = None, world: World | None = None) -> Phase2Result:
     """Train the head (and, unless frozen, blocks and embedding) on C*, with early stopping.
 
     train_ids (N,), train_cstar (N, C), val_ids (M,), val_cstar (M, C); `val_bytes` is the
@@ -191,20 +202,25 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
     last one) with everything needed to continue; `resume_state` (such a state) continues from
     it, giving the same result as an uninterrupted run. After `params.max_nonfinite_steps`
     consecutive non-finite batch losses the run stops with a StageError.
+
+    Under torchrun (`world`, default: the initialised process group) every rank calls this with
+    the same arguments; `params.batch_size` must be divisible by the world size.
     """
     from cvfp.resume import rng_state, set_rng_state, stop_if_diverged, to_cpu
     from cvfp.runtime import progress
 
+    world = world or current_world()
+    log = main_only(log, world)
     if params.context_mode not in CONTEXT_MODES:
         raise ValueError(f"phase2.context_mode must be one of {CONTEXT_MODES}, got {params.context_mode!r}")
     device = next(model.parameters()).device
     init_head_(model, seed)
+    broadcast_module(model, world)
     trainable = set_trainable(model, params.freeze_context, params.freeze_embedding)
     optimizer = torch.optim.Adam(trainable, lr=params.lr)
     train_ids, train_cstar = train_ids.to(device), train_cstar.to(device)
     val_ids, val_cstar = val_ids.to(device), val_cstar.to(device)
     num_positions = train_ids.shape[0] - 1
-    generator = torch.Generator().manual_seed(seed)  # the order of positions, independent of the device
     num_batches = math.ceil(num_positions / params.batch_size)
 
     result = Phase2Result()
@@ -217,7 +233,6 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
         model.load_state_dict(resume_state["state_dict"])
         optimizer.load_state_dict(resume_state["optimizer"])
         set_rng_state(resume_state["rng"], device)
-        generator.set_state(resume_state["generator"])
         best_loss, best_epoch = resume_state["best_loss"], resume_state["best_epoch"]
         best_state = {k: v.to(device) for k, v in resume_state["best_state"].items()}
         result.history = list(resume_state["history"])
@@ -228,18 +243,19 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
     started = time.perf_counter()
     for epoch in range(first, params.epochs + 1):
         tick = time.perf_counter()
-        order = torch.randperm(num_positions, generator=generator).to(device)
         sums = {"loss": 0.0, "ce": 0.0, "stability": 0.0}
         seen = 0
-        bar = progress(order.split(params.batch_size), total=num_batches, desc=f"phase2 epoch {epoch}/{params.epochs}",
-                       unit="batch")
-        for index, batch in enumerate(bar, start=1):
-            losses = batch_losses(model, train_ids, train_cstar, batch, params.context_mode,
-                                  params.context_stability_weight, params.precision)
-            finite = bool(torch.isfinite(losses["loss"]))
+        batches = sampler_batches(num_positions, params.batch_size, seed, epoch, world)
+        bar = progress(batches, total=num_batches, desc=f"phase2 epoch {epoch}/{params.epochs}", unit="batch",
+                       disable=not world.is_main)
+        for index, (batch, batch_count) in enumerate(bar, start=1):
+            loss, batch_sums = _global_batch_loss(model, train_ids, train_cstar, batch.to(device), batch_count,
+                                                  params, world)
+            finite = math.isfinite(batch_sums[0])
             if finite:
                 optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
+                loss.backward()
+                average_gradients(trainable, world)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
                 if not torch.isfinite(grad_norm):
                     optimizer.zero_grad(set_to_none=True)
@@ -252,9 +268,9 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
                 continue
             nonfinite_run = 0
             optimizer.step()
-            for key in sums:
-                sums[key] += float(losses[key].detach()) * batch.numel()
-            seen += batch.numel()
+            for key, value in zip(sums, batch_sums):
+                sums[key] += value
+            seen += batch_count
         bar.close()
         tokens_seen += seen
 
@@ -262,7 +278,7 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
         row: dict[str, Any] = {"epoch": epoch, "train_loss": sums["loss"] / seen if seen else None, "train_ce": train_ce,
                                "train_stability": sums["stability"] / seen if seen else None,
                                "train_ppl": perplexity(train_ce)}
-        row.update(_validation_row(model, val_ids, val_cstar, val_bytes, params))
+        row.update(_validation_row(model, val_ids, val_cstar, val_bytes, params, world))
         row["skipped_steps"] = skipped_steps
         row["seconds"] = time.perf_counter() - tick
         result.history.append(row)
@@ -279,7 +295,7 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
         if checkpoint is not None and epoch < params.epochs and epoch % interval == 0:
             checkpoint(to_cpu({
                 "stage": "phase2", "epoch": epoch, "state_dict": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": rng_state(device), "generator": generator.get_state(),
+                "optimizer": optimizer.state_dict(), "rng": rng_state(device),
                 "best_loss": best_loss, "best_epoch": best_epoch, "best_state": best_state,
                 "history": result.history, "skipped_steps": skipped_steps, "tokens_seen": tokens_seen,
                 "nonfinite_run": nonfinite_run}))
@@ -299,6 +315,25 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
     result.timing = {"seconds": seconds, "train_tokens_per_second": tokens_seen / seconds,
                      "seconds_per_epoch": [row["seconds"] for row in result.history]}
     return result
+
+
+def _global_batch_loss(model: CVFPModel, ids: torch.Tensor, cstar: torch.Tensor, batch: torch.Tensor, count: int,
+                       params, world: World) -> tuple[torch.Tensor, list[float]]:
+    """The mean loss over a global batch of `count` positions, of which this rank holds `batch`.
+
+    Returns (the loss to back-propagate, [loss, ce, stability] summed over the global batch).
+    The local sums are summed over ranks (differentiably, see cvfp.distributed) in one
+    collective; a rank with an empty share contributes zeros.
+    """
+    device = next(model.parameters()).device
+    if batch.numel():
+        losses = batch_losses(model, ids, cstar, batch, params.context_mode, params.context_stability_weight,
+                              params.precision)
+        local = torch.stack([losses["loss"], losses["ce"].detach(), losses["stability"].detach()]) * batch.numel()
+    else:
+        local = torch.zeros(3, device=device, requires_grad=True)
+    total = Shard(count, world).sum(local)
+    return total[0] / count, total.detach().tolist()
 
 
 def _finite(value: float | None) -> float | None:

@@ -56,16 +56,19 @@ def resolve_device(name: str):
     """`auto` -> cuda when available else cpu; `cuda` without a GPU is an error."""
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: cuda was asked for in params.yaml but no CUDA device is available (use auto or cpu)")
-    return torch.device(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and os.environ.get("LOCAL_RANK") and os.environ.get("TORCHELASTIC_RUN_ID"):
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun process
+    return device
 
 
-def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it"):
-    """A tqdm progress bar with ETA on stderr (quiet when CVFP_NO_PROGRESS is set)."""
+def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", disable: bool = False):
+    """A tqdm progress bar with ETA on stderr (quiet when CVFP_NO_PROGRESS is set, or `disable`: ranks > 0)."""
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0,
-                disable=bool(os.environ.get("CVFP_NO_PROGRESS")))
+                disable=disable or bool(os.environ.get("CVFP_NO_PROGRESS")))

@@ -8,11 +8,15 @@ the process with exit code 2 and one message naming the cause, without a traceba
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+from cvfp import distributed
 from cvfp.io import ArtifactError
 from cvfp.params import Params, ParamsError, load_params
-from cvfp.runtime import configure_environment, seed_everything
+from cvfp.runtime import configure_environment, resolve_device, seed_everything
+
+if TYPE_CHECKING:
+    from cvfp.tracking import StageRun
 
 
 class StageError(RuntimeError):
@@ -22,31 +26,49 @@ class StageError(RuntimeError):
 KNOWN_ERRORS = (ParamsError, ArtifactError, StageError)
 
 
-def run_stage(name: str, body: Callable[[Params, "StageRun"], None], params_file: str = "params.yaml") -> None:
+def run_stage(name: str, body: Callable[[Params, "StageRun"], None], params_file: str = "params.yaml",
+              data_parallel: bool = False) -> None:
+    """Load params, seed, open the stage's MLflow run and call `body(params, run)`.
+
+    With `data_parallel` (phase1, phase2, baselines) and `distributed.nproc_per_node` > 1 the
+    script re-launches itself under torchrun; each process then joins the process group, and
+    only rank 0 opens an MLflow run (the others get a run that records nothing).
+    """
     configure_environment()
     try:
         params = load_params(params_file)
     except ParamsError as err:
         _fail(name, err)
+    nproc = params.distributed.nproc_per_node
+    if data_parallel and nproc > 1 and not distributed.launched():
+        code = distributed.relaunch(nproc)
+        if code:
+            _fail(name, f"a process of the torchrun launch (distributed.nproc_per_node={nproc}) failed with exit "
+                        f"code {code}; its error is above", code=code if code > 0 else 1)
+        return
     seed_everything(params.seed)
+    world = distributed.setup(resolve_device(params.device).type) if data_parallel else distributed.SINGLE
 
-    from cvfp.tracking import StageRun
+    from cvfp.tracking import NullRun, StageRun
 
-    run = StageRun(name, params.flat(), params_file)
+    run = StageRun(name, params.flat(), params_file) if world.is_main else NullRun()
     try:
         body(params, run)
     except KNOWN_ERRORS as err:
         run.close(failed=True)
-        _fail(name, err)
+        _fail(name, err, world)
     except BaseException:
         run.close(failed=True)
         raise
+    finally:
+        distributed.teardown()
     run.close()
 
 
-def _fail(stage: str, err: Exception) -> None:
-    print(f"error in stage '{stage}': {err}", file=sys.stderr)
-    raise SystemExit(2)
+def _fail(stage: str, err: Exception | str, world: distributed.World = distributed.SINGLE, code: int = 2) -> None:
+    where = f" (rank {world.rank} of {world.size})" if world.active else ""
+    print(f"error in stage '{stage}'{where}: {err}", file=sys.stderr)
+    raise SystemExit(code)
 
 
 TIMING_DIR = "metrics/timing"

@@ -179,6 +179,24 @@ class StageRun:
         self.close(failed=exc_type is not None)
 
 
+class NullRun:
+    """The run of a non-zero rank in a torchrun launch: rank 0 alone records to MLflow."""
+
+    failures: list[str] = []
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        pass
+
+    def log_curves(self, rows: Iterable[dict[str, Any]], step_key: str) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        pass
+
+    def close(self, failed: bool = False) -> None:
+        pass
+
+
 def _preflight_sqlite(uri: str) -> None:
     """Fail fast on a sqlite store that cannot work (MLflow itself retries for minutes)."""
     if not uri.startswith("sqlite:///"):
