@@ -82,7 +82,8 @@ def test_single_pass_step_equals_two_pass(fast_on_cpu, monkeypatch, diversity, r
         monkeypatch.setenv("CVFP_FAST", flag)
         model = tiny_model(decoder=recon > 0)
         p = Phase1Params(batch_tokens=32, diversity=diversity, recon_weight=recon, lr=1e-3)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        optimizer = fast.adam(list(model.parameters()), 1e-3, embeddings.device)  # fused on the fast path
+        assert optimizer.defaults["fused"] == (flag == "1")
         loss = phase1.DiversityLoss(diversity, p.ema_momentum)
         contexts, values, skipped = phase1.train_step(model, optimizer, embeddings, previous, loss, p)
         assert not skipped
@@ -100,6 +101,26 @@ def test_single_pass_step_equals_two_pass(fast_on_cpu, monkeypatch, diversity, r
         torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5)
     for a, b in zip(w1, w0):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_step_skips_a_non_finite_loss_on_the_device(fast_on_cpu):
+    """The compiled single pass with fused Adam: a NaN loss leaves weights and Adam moments untouched."""
+    model = tiny_model()
+    p = Phase1Params(batch_tokens=32, lr=1e-2)
+    optimizer = fast.adam(list(model.parameters()), p.lr, "cpu")
+    embeddings, previous = torch.randn(23, 4), torch.randn(23, 6)
+    phase1.train_step(model, optimizer, embeddings, previous, phase1.DiversityLoss(p.diversity, 0.99), p)
+    weights = copy.deepcopy(model.state_dict())
+    moments = copy.deepcopy(optimizer.state_dict()["state"])
+    previous[3, 2] = float("nan")  # the CVFP loss becomes NaN
+    _, values, skipped = phase1.train_step(model, optimizer, embeddings, previous,
+                                           phase1.DiversityLoss(p.diversity, 0.99), p)
+    assert skipped and values["total_loss"] != values["total_loss"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, tensor in state.items():
+            assert torch.equal(tensor, moments[index][key]), (index, key)  # the step counter included
 
 
 def test_compiled_parallel_pass_equals_plain(fast_on_cpu):

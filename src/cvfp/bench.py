@@ -244,7 +244,7 @@ def bench_phase1(args, device, precision, ids, report) -> torch.Tensor:
     model = build_model(args, device)
     reference_model = copy.deepcopy(model).float()
     trainable = prepare_phase1(model)
-    optimizer = torch.optim.Adam(trainable, lr=0.002)
+    optimizer = {"adam": fast.adam(trainable, 0.002, device)}  # as train_phase1 builds it
     params = phase1_params(args, precision)
     with torch.no_grad():
         embeddings = model.embed(ids)
@@ -259,7 +259,8 @@ def bench_phase1(args, device, precision, ids, report) -> torch.Tensor:
     state = {"previous": contexts}
 
     def iteration():
-        state["previous"], _, _ = phase1.train_step(model, optimizer, embeddings, state["previous"], diversity, params)
+        state["previous"], _, _ = phase1.train_step(model, optimizer["adam"], embeddings, state["previous"], diversity,
+                                                    params)
 
     tick = time.perf_counter()
     iteration()  # compiles on CUDA
@@ -291,6 +292,13 @@ def bench_phase1(args, device, precision, ids, report) -> torch.Tensor:
                 out["autocast_only_parallel_iteration_seconds"] = median(timed(iteration, device, args.repeats, 1))
             finally:
                 fast.BF16_STREAM = True
+            fast.FUSED_STEP = False  # the previous step: foreach Adam, the skip decided on the host, eager losses
+            fused, optimizer["adam"] = optimizer["adam"], fast.adam(trainable, 0.002, device)
+            try:
+                out["unfused_step_parallel_iteration_seconds"] = median(timed(iteration, device, args.repeats, 1))
+            finally:
+                fast.FUSED_STEP = True
+                optimizer["adam"] = fused
 
     if precision == "bf16":  # how far the bf16 fast pass lands from float32 (‖Δ‖ / ‖ref‖)
         inputs = phase1.shifted_inputs(state["previous"])
@@ -360,7 +368,7 @@ def bench_phase2(args, device, precision, ids, cstar, report) -> None:
     reference_model = copy.deepcopy(model).float()
     phase2.init_head_(model, args.seed)
     trainable = phase2.set_trainable(model, False, False)
-    optimizer = torch.optim.Adam(trainable, lr=1e-3)
+    optimizer = fast.adam(trainable, 1e-3, device)  # as train_phase2 builds it
     n = ids.shape[0]
     batch = min(args.p2_batch, n - 1)
     generator = torch.Generator().manual_seed(args.seed)
@@ -434,7 +442,7 @@ def bench_tuning(args, device, precision, ids, report) -> None:
     """Where a parallel Phase-1 iteration spends its time (profiler), and inductor's max-autotune mode."""
     model = build_model(args, device)
     trainable = prepare_phase1(model)
-    optimizer = torch.optim.Adam(trainable, lr=0.002)
+    optimizer = fast.adam(trainable, 0.002, device)
     params = phase1_params(args, precision)
     with torch.no_grad():
         embeddings = model.embed(ids)

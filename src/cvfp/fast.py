@@ -83,6 +83,22 @@ def bf16_stream_step(model, context: torch.Tensor, token: torch.Tensor) -> tuple
 
 
 BF16_STREAM = True  # cvfp.bench turns it off to measure the autocast-only compiled step
+FUSED_STEP = True  # cvfp.bench turns it off to measure the previous step (foreach Adam, eager losses)
+
+
+def adam(parameters: list[torch.nn.Parameter], lr: float, device: torch.device | str) -> torch.optim.Adam:
+    """Adam; where the fast paths apply, the fused kernel (one launch for every parameter).
+
+    The fused kernel also takes a device-side `found_inf` flag and then leaves parameters and
+    moments untouched, so a step can be skipped on a non-finite loss without the host first
+    reading the loss back (`phase1._single_pass_step`). Same update as the plain Adam.
+    """
+    return torch.optim.Adam(parameters, lr=lr, fused=bool(enabled(device) and FUSED_STEP))
+
+
+def skip_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` honours a device-side `optimizer.found_inf` flag (fused Adam)."""
+    return bool(optimizer.defaults.get("fused"))
 
 
 def step_function(model, precision: str = "fp32") -> Callable:

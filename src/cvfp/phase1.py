@@ -210,13 +210,20 @@ def train_step(model: CVFPModel, optimizer: torch.optim.Optimizer, embeddings: t
 def _single_pass_step(model: CVFPModel, optimizer: torch.optim.Optimizer, embeddings: torch.Tensor,
                       inputs: torch.Tensor, previous: torch.Tensor, diversity: DiversityLoss,
                       params) -> tuple[torch.Tensor, dict[str, float], bool]:
-    """`train_step` when one chunk holds all N tokens: the same loss and gradient, one forward fewer."""
+    """`train_step` when one chunk holds all N tokens: the same loss and gradient, one forward fewer.
+
+    The losses are compiled too (in one process), and with a fused Adam the skip on a
+    non-finite loss or gradient is decided on the device: the host reads the numbers back
+    once, after the optimizer step has been queued, so the GPU never waits for it mid-step.
+    """
     part = diversity._part(previous)
     optimizer.zero_grad(set_to_none=True)
     with _autocast(embeddings.device, params.precision):
         output = fast.step_function(model, params.precision)(inputs, embeddings)[0].float()
     contexts = output.detach()
-    losses = context_losses(output, previous, diversity, params.dist_reg_weight)
+    losses_fn = context_losses if part.world.active or not fast.FUSED_STEP else \
+        fast.compiled(model, "phase1_losses", context_losses)
+    losses = losses_fn(output, previous, diversity, params.dist_reg_weight)
     total = losses["total_loss"]
     recon_scale = params.recon_weight / (part.n * (model.args.context_dim + model.args.embed_dim))
     recon = torch.zeros((), device=output.device)
@@ -224,25 +231,27 @@ def _single_pass_step(model: CVFPModel, optimizer: torch.optim.Optimizer, embedd
         with _autocast(embeddings.device, params.precision):
             recon = part.sum(_recon_sum(model, output, inputs, embeddings))
         total = total + recon_scale * recon
-    # backward before reading any number: one host sync per step instead of one before and one after;
-    # a non-finite loss still skips the step (its gradient is dropped below)
+    # backward before reading any number: a non-finite loss still skips the step (below)
     total.backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
     average_gradients(trainable, part.world)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
+    on_device = fast.skip_on_device(optimizer)
+    if on_device:
+        optimizer.found_inf = (~(torch.isfinite(total.detach()) & torch.isfinite(grad_norm))).float()
+        optimizer.step()
+        optimizer.found_inf = None
     numbers = torch.stack([losses["cvfp_loss"], losses["diversity_loss"], losses["total_loss"], recon.float(),
                            grad_norm.float()]).detach().tolist()
     values = dict(zip(("cvfp_loss", "diversity_loss", "total_loss"), numbers[:3]))
     if recon_scale > 0:
         values["recon_loss"] = numbers[3] * recon_scale / params.recon_weight
         values["total_loss"] += numbers[3] * recon_scale
-    if not math.isfinite(values["total_loss"]):
+    if not (math.isfinite(values["total_loss"]) and math.isfinite(numbers[4])):
         optimizer.zero_grad(set_to_none=True)
         return contexts, values, True
-    if not math.isfinite(numbers[4]):
-        optimizer.zero_grad(set_to_none=True)
-        return contexts, values, True
-    optimizer.step()
+    if not on_device:
+        optimizer.step()
     diversity.commit(contexts)
     return contexts, values, False
 
@@ -319,7 +328,7 @@ def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tenso
         model.load_state_dict(resume_state["state_dict"])
     broadcast_module(model, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=params.lr)
+    optimizer = fast.adam(trainable, params.lr, device)
     with torch.no_grad():  # this rank's rows
         embeddings = {split: model.embed(ids[split][part.lo:part.hi].to(device)) for split, part in parts.items()}
     diversity = {split: DiversityLoss(params.diversity, params.ema_momentum, parts[split]) for split in embeddings}

@@ -217,7 +217,7 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
     init_head_(model, seed)
     broadcast_module(model, world)
     trainable = set_trainable(model, params.freeze_context, params.freeze_embedding)
-    optimizer = torch.optim.Adam(trainable, lr=params.lr)
+    optimizer = fast.adam(trainable, params.lr, device)
     train_ids, train_cstar = train_ids.to(device), train_cstar.to(device)
     val_ids, val_cstar = val_ids.to(device), val_cstar.to(device)
     num_positions = train_ids.shape[0] - 1
