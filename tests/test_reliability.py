@@ -14,9 +14,10 @@ from mlflow.tracking import MlflowClient
 
 from conftest import write_params
 from cvfp import tracking
+from cvfp.data import cache
 from cvfp.data.cache import encode_documents, load_stream, save_stream
 from cvfp.data.carve import carve, load_split, save_splits
-from cvfp.data.corpus import document_bytes, load_corpus, take_documents
+from cvfp.data.corpus import document_bytes, load_corpus, read_documents, take_documents, write_documents
 from cvfp.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from cvfp.io import ArtifactError, sha256_file
 from cvfp.params import DataParams, Params
@@ -168,3 +169,17 @@ def test_hostile_documents_keep_byte_counts_exact(tmp_path):
     assert int(stream.doc_bytes.sum()) == sum(sizes)
     save_stream(tmp_path / "stream.safetensors", stream)
     assert load_stream(tmp_path / "stream.safetensors", tok_path).num_tokens == stream.num_tokens
+
+
+def test_a_10mb_single_word_document_trains_and_encodes(tmp_path):
+    """A 10 MB word (letters only: one pre-tokenized word) stalls an unguarded BPE trainer (1 MB: over 100 s)."""
+    word = "zürich" * 1_428_572  # 8.6 million letters, 10,000,004 UTF-8 bytes ("ü" takes two)
+    write_documents(tmp_path / "documents.jsonl", [{"messages": [{"role": "user", "content": word}]},
+                                                   {"messages": [{"role": "assistant", "content": "a short reply"}]}])
+    docs = read_documents(tmp_path / "documents.jsonl")  # what the tokenizer stage hands to the cache stage
+    tok_path = tmp_path / "tokenizer.json"
+    save_tokenizer(train_tokenizer(docs, 300, 2), tok_path)
+    stream = cache.build_stream(tmp_path / "documents.jsonl", tok_path)  # the cache stage's work
+    assert stream.doc_bytes.tolist() == [10_000_004, len(b"a short reply")]
+    assert load_tokenizer(tok_path).decode(stream.doc(0).tolist()) == word  # lossless; specials are skipped
+    assert stream.doc(0).numel() < len(word) / 100  # the merges were learned from the word's pieces

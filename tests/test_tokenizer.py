@@ -1,9 +1,13 @@
 """Byte-level BPE: deterministic training, fixed special ids, lossless on unusual Unicode."""
 
-import pytest
+import re
 
-from cvfp.data.corpus import SPECIAL_TOKENS
-from cvfp.data.tokenizer import load_tokenizer, save_tokenizer, special_token_ids, train_tokenizer
+import pytest
+from tokenizers import pre_tokenizers
+
+from cvfp.data.corpus import SPECIAL_TOKENS, message_contents
+from cvfp.data.tokenizer import (MAX_TRAINING_WORD_CHARS, PRE_TOKENIZER_WHITESPACE, bounded_texts, load_tokenizer,
+                                 save_tokenizer, special_token_ids, train_tokenizer)
 from cvfp.io import ArtifactError
 
 from conftest import UNICODE_SAMPLES
@@ -49,3 +53,43 @@ def test_missing_or_broken_tokenizer_file(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="tokenizer.json: unreadable"):
         load_tokenizer(tmp_path / "tokenizer.json")
+
+
+# ---- the safety bound on training words -------------------------------------------------------------------------
+
+PRE_TOKENIZER = pre_tokenizers.ByteLevel(add_prefix_space=False)  # the one train_tokenizer uses
+
+
+def longest_word(text):
+    """Characters in the longest word the pre-tokenizer makes of `text`."""
+    return max(end - start for _, (start, end) in PRE_TOKENIZER.pre_tokenize_str(text))
+
+
+def test_guard_whitespace_is_the_pre_tokenizer_whitespace():
+    """The guard finds long runs with its own regex; its whitespace must be exactly the pre-tokenizer's."""
+    def pre_tokenizer_whitespace(char):  # "x" + 2 chars + "x": whitespace makes a word of the first char alone
+        return (1, 2) in [offsets for _, offsets in PRE_TOKENIZER.pre_tokenize_str(f"x{char}{char}x")]
+
+    whitespace_class = re.compile(f"[{PRE_TOKENIZER_WHITESPACE}]")
+    bmp = [chr(code) for code in range(0x10000) if not 0xD800 <= code <= 0xDFFF]  # no whitespace lies beyond
+    found = [char for char in bmp if pre_tokenizer_whitespace(char)]
+    assert " " in found and "\u3000" in found and "\x1c" not in found  # Python's str.isspace() says otherwise
+    assert found == [char for char in bmp if whitespace_class.fullmatch(char)]
+
+
+@pytest.mark.parametrize("run", ["z" * 2500, "7" * 2500, " " * 2500, "!\x1c" * 1250, "\u3000\t" * 1250,
+                                 "\U0001F600" * 2500])
+def test_long_runs_are_cut_for_training(run):
+    text = f"before {run} after"
+    assert longest_word(text) > MAX_TRAINING_WORD_CHARS
+    pieces = list(bounded_texts([text]))
+    assert "".join(pieces) == text and len(pieces) == 3
+    assert max(longest_word(piece) for piece in pieces) <= MAX_TRAINING_WORD_CHARS + 1  # + one leading space
+
+
+def test_text_without_a_long_run_is_fed_whole(documents):
+    ordinary = "an ordinary message, " * 200  # 4,200 characters, every word short
+    at_the_bound = "x" * MAX_TRAINING_WORD_CHARS
+    texts = [ordinary, at_the_bound, *message_contents(documents)]
+    assert list(bounded_texts(texts)) == texts
+    assert list(bounded_texts([at_the_bound + "x"])) == [at_the_bound, "x"]
