@@ -141,58 +141,88 @@ TINY = {
     "model.context_dim": 8, "model.embed_dim": 8, "model.hidden_dim": 16, "model.layer_structure": [1, 1],
     "phase1.max_iterations": 40, "phase1.batch_tokens": 512, "phase1.effective_rank_samples": 0,
     "phase1.min_converged_ratio": 1.0, "phase1.checkpoint_interval": 1,
+    # patience = epochs: no early stop, so the stage is still training when it is killed
+    "phase2.epochs": 40, "phase2.patience": 40, "phase2.batch_size": 256, "phase2.checkpoint_interval": 1,
 }
 
 
+def script(name):
+    return str(REPO / "pipeline" / f"{name}.py")
+
+
 def stage(root, name, env, **kwargs):
-    return subprocess.run([sys.executable, str(REPO / "pipeline" / f"{name}.py")], cwd=root, env=env,
+    return subprocess.run([sys.executable, script(name)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300, **kwargs)
 
 
-def new_project(base, name, data=None):
+def new_project(base, name, source=None, copied=()):
+    """A folder with the TINY params and its own MLflow store; `copied` paths come from the project `source`."""
     root = base / name
     root.mkdir()
     write_params(root / "params.yaml", TINY)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(CVFP_NO_PROGRESS="1", MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
-    if data is not None:
-        shutil.copytree(data, root / "data")
+    for path in copied:
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        copy = shutil.copytree if (source / path).is_dir() else shutil.copy
+        copy(source / path, root / path)
     return root, env
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root, env = new_project(tmp_path_factory.mktemp("resume"), "data")
-    scripts = [str(REPO / "pipeline" / f"{name}.py") for name in ("tokenizer", "cache", "carve")]
-    code = f"import runpy\nfor path in {scripts!r}:\n    runpy.run_path(path, run_name='__main__')\n"
+def inputs(tmp_path_factory):
+    """A project holding the inputs of phase1 (data/) and of phase2 (also models/phase1.pt and data/cstar)."""
+    root, env = new_project(tmp_path_factory.mktemp("resume"), "inputs")
+    stages = [script(name) for name in ("tokenizer", "cache", "carve", "phase1", "cstar")]
+    code = f"import runpy\nfor path in {stages!r}:\n    runpy.run_path(path, run_name='__main__')\n"
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]  # the three data stages in one interpreter: faster
-    return root / "data"
+    assert done.returncode == 0, done.stderr[-3000:]  # the five stages in one interpreter: faster
+    return root
 
 
-@pytest.mark.slow
-def test_killed_phase1_stage_resumes_to_the_same_metrics(tmp_path, data_dir):
-    clean, env = new_project(tmp_path, "clean", data_dir)
-    done = stage(clean, "phase1", env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert not (clean / "models" / "phase1.resume.pt").exists()  # removed on success
-
-    killed, env = new_project(tmp_path, "killed", data_dir)
-    resume_file = killed / "models" / "phase1.resume.pt"
-    process = subprocess.Popen([sys.executable, str(REPO / "pipeline" / "phase1.py")], cwd=killed, env=env,
+def kill_after_first_checkpoint(root, env, name):
+    """Start stage `name` in `root` and SIGKILL it as soon as its resume checkpoint exists; return that file."""
+    resume_file = root / "models" / f"{name}.resume.pt"
+    process = subprocess.Popen([sys.executable, script(name)], cwd=root, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not resume_file.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert process.returncode == -signal.SIGKILL, "phase1 finished before it could be killed"
-    assert resume_file.exists() and not (killed / "metrics" / "phase1.json").exists()
+    assert process.returncode == -signal.SIGKILL, f"{name} finished before it could be killed"
+    assert resume_file.exists() and not (root / "metrics" / f"{name}.json").exists()
+    return resume_file
 
-    rerun = stage(killed, "phase1", env)
+
+def assert_killed_stage_resumes(base, inputs, name, copied, outputs, resumed_line):
+    """Stage `name` run once uninterrupted and once killed after its first checkpoint and rerun:
+    the rerun resumes and its `outputs` are the same bytes; the resume file is gone after both."""
+    clean, env = new_project(base, "clean", inputs, copied)
+    done = stage(clean, name, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (clean / "models" / f"{name}.resume.pt").exists()  # removed on success
+
+    killed, env = new_project(base, "killed", inputs, copied)
+    resume_file = kill_after_first_checkpoint(killed, env, name)
+    rerun = stage(killed, name, env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming from iteration" in rerun.stdout
-    assert (killed / "metrics" / "phase1.json").read_bytes() == (clean / "metrics" / "phase1.json").read_bytes()
-    assert ((killed / "metrics" / "phase1_iterations.csv").read_bytes()
-            == (clean / "metrics" / "phase1_iterations.csv").read_bytes())
+    assert resumed_line in rerun.stdout
+    for output in outputs:
+        assert (killed / output).read_bytes() == (clean / output).read_bytes(), output
     assert not resume_file.exists()
+
+
+@pytest.mark.slow
+def test_killed_phase1_stage_resumes_to_the_same_metrics(tmp_path, inputs):
+    assert_killed_stage_resumes(tmp_path, inputs, "phase1", ["data/tokenizer", "data/splits"],
+                                ["metrics/phase1.json", "metrics/phase1_iterations.csv", "models/phase1.pt"],
+                                "resuming from iteration")
+
+
+@pytest.mark.slow
+def test_killed_phase2_stage_resumes_to_the_same_metrics(tmp_path, inputs):
+    assert_killed_stage_resumes(tmp_path, inputs, "phase2", ["data/tokenizer", "data/splits", "data/cstar",
+                                                             "models/phase1.pt"],
+                                ["metrics/phase2.json", "metrics/phase2_epochs.csv", "models/phase2.pt"],
+                                "resuming from epoch")
