@@ -33,10 +33,9 @@ def sh(args, cwd, env):
     return done.stdout
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A fresh git + DVC project holding this repo's pipeline, after one `dvc repro`."""
-    root = tmp_path_factory.mktemp("project")
+def make_project(root, overrides):
+    """Copy this repo's pipeline into `root` as a fresh, committed git + DVC project with params.yaml =
+    the repo's plus `overrides`; returns the environment to run its stages in."""
     for name in COPIED:
         source, target = REPO / name, root / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +43,7 @@ def project(tmp_path_factory):
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy(source, target)
-    write_params(root / "params.yaml", TINY_PARAMS)
+    write_params(root / "params.yaml", overrides)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     # one thread per stage: queued experiments run two stages at once, and two 2-thread torch processes on
     # 2 cores spin-wait each other ~50x slower (tiny tensors gain nothing from a second thread anyway)
@@ -53,6 +52,14 @@ def project(tmp_path_factory):
     sh(["git", "init", "-q"], root, env)
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "init"], root, env)
+    return env
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A fresh git + DVC project holding this repo's pipeline, after one `dvc repro`."""
+    root = tmp_path_factory.mktemp("project")
+    env = make_project(root, TINY_PARAMS)
     log = sh(["dvc", "repro"], root, env)
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "repro"], root, env)  # dvc exp needs the baseline committed
