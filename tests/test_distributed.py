@@ -172,3 +172,19 @@ def test_dvc_repro_with_two_processes_gives_the_same_metrics(tmp_path):
         assert "x 2 process(es)" in log  # the stage ran under torchrun
         two[stage] = metrics(stage)
     assert_same(two, one, "metrics")
+
+
+def test_parallel_bench_runs_at_one_and_two_processes_and_compares(tmp_path):
+    tiny = ["-m", "cvfp.bench_parallel", "--blocks", "2", "--dim", "8", "--vocab", "64", "--tokens", "512",
+            "--p2-batch", "128", "--repeats", "1"]
+    for nproc in (1, 2):
+        done = torchrun([*tiny, "--json", str(tmp_path / f"{nproc}.json")], tmp_path, clean_env(tmp_path), nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "2.json").read_text())
+    assert (two["world_size"], two["backend"]) == (2, "gloo")
+    assert two["phase1"]["tokens_per_rank"] == 256 and two["phase2"]["batch_per_rank"] == 64
+    assert two["phase1"]["parallel_iteration_seconds"] > 0 and two["phase2"]["train_tokens_per_second"] > 0
+    table = subprocess.run([sys.executable, "-m", "cvfp.bench_parallel", "--compare", str(tmp_path / "2.json"),
+                            str(tmp_path / "1.json")], capture_output=True, text=True, check=True).stdout
+    rows = [line for line in table.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(rows) == 2 and rows[0].count("100.0%") == 2  # one process is the efficiency's baseline

@@ -8,8 +8,8 @@ timed region, the median of `--repeats`:
 
 - Phase 1: iteration 0 (`cstar.fast_scan`) and one parallel iteration (`phase1.train_step`);
 - C*: the exact scan, and its max abs difference from the plain scan (`model.scan`);
-- Phase 2: a training step (`phase2.batch_losses` + backward + clip + Adam, the body of
-  `train_phase2`) and evaluation (`phase2.evaluate_fixed`);
+- Phase 2: a training step (`phase2.train_batch`, the body of `train_phase2`'s loop) and
+  evaluation (`phase2.evaluate_fixed`);
 
 and the same work written as the seeds wrote it: per-token eager loops in float32 (Phase 1:
 forward + backward + optimizer step per token, the seed's `_train_one_token`; C*: one
@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from cvfp import cstar as cstar_mod
 from cvfp import fast, phase1, phase2
+from cvfp.distributed import SINGLE
 from cvfp.model import CVFPModel, ModelArgs
 
 CACHE = Path("data/cache/stream.safetensors")
@@ -152,6 +153,11 @@ def phase1_params(args: argparse.Namespace, precision: str) -> SimpleNamespace:
     """The `phase1` section fields train_step reads (params.yaml defaults), without pydantic."""
     return SimpleNamespace(batch_tokens=args.batch_tokens or args.tokens, precision=precision, dist_reg_weight=0.9,
                            recon_weight=0.0, grad_clip=1.0, lr=0.002, diversity="global_deviation", ema_momentum=0.99)
+
+
+def phase2_params(precision: str) -> SimpleNamespace:
+    """The `phase2` section fields phase2.train_batch reads (params.yaml defaults), without pydantic."""
+    return SimpleNamespace(context_mode="stability", context_stability_weight=1.0, precision=precision, grad_clip=1.0)
 
 
 def prepare_phase1(model: CVFPModel) -> list[nn.Parameter]:
@@ -375,20 +381,12 @@ def bench_phase2(args, device, precision, ids, cstar, report) -> None:
     order = torch.randperm(n - 1, generator=generator).to(device)
     batches = order[:(n - 1) // batch * batch].split(batch)
     state = {"i": 0}
+    params = phase2_params(precision)
 
     def train_batch():  # the body of train_phase2's loop
         positions = batches[state["i"] % len(batches)]
         state["i"] += 1
-        losses = phase2.batch_losses(model, ids, cstar, positions, "stability", 1.0, precision)
-        if not torch.isfinite(losses["loss"]):
-            return
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-        for key in ("loss", "ce", "stability"):
-            float(losses[key].detach())
+        phase2.train_batch(model, optimizer, trainable, ids, cstar, positions, positions.numel(), params, SINGLE)
 
     tick = time.perf_counter()
     train_batch()

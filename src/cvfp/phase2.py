@@ -249,25 +249,15 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
         bar = progress(batches, total=num_batches, desc=f"phase2 epoch {epoch}/{params.epochs}", unit="batch",
                        disable=not world.is_main)
         for index, (batch, batch_count) in enumerate(bar, start=1):
-            loss, batch_sums = _global_batch_loss(model, train_ids, train_cstar, batch.to(device), batch_count,
-                                                  params, world)
-            finite = math.isfinite(batch_sums[0])
-            if finite:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                average_gradients(trainable, world)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
-                if not torch.isfinite(grad_norm):
-                    optimizer.zero_grad(set_to_none=True)
-                    finite = False
-            if not finite:
+            batch_sums = train_batch(model, optimizer, trainable, train_ids, train_cstar, batch.to(device), batch_count,
+                                     params, world)
+            if batch_sums is None:
                 skipped_steps += 1
                 nonfinite_run += 1
                 stop_if_diverged("phase2", nonfinite_run, max_nonfinite, f"epoch {epoch}, batch {index}/{num_batches}",
                                  bar)
                 continue
             nonfinite_run = 0
-            optimizer.step()
             for key, value in zip(sums, batch_sums):
                 sums[key] += value
             seen += batch_count
@@ -315,6 +305,27 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
     result.timing = {"seconds": seconds, "train_tokens_per_second": tokens_seen / seconds,
                      "seconds_per_epoch": [row["seconds"] for row in result.history]}
     return result
+
+
+def train_batch(model: CVFPModel, optimizer: torch.optim.Optimizer, trainable: list[nn.Parameter], ids: torch.Tensor,
+                cstar: torch.Tensor, batch: torch.Tensor, count: int, params, world: World) -> list[float] | None:
+    """One optimizer step on a global batch of `count` positions, of which this rank holds `batch` (the loop body).
+
+    Returns [loss, ce, stability] summed over the global batch, or None when the loss or the
+    gradient was not finite and the step was skipped (identically on every rank).
+    """
+    loss, sums = _global_batch_loss(model, ids, cstar, batch, count, params, world)
+    if not math.isfinite(sums[0]):
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(trainable, world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    return sums
 
 
 def _global_batch_loss(model: CVFPModel, ids: torch.Tensor, cstar: torch.Tensor, batch: torch.Tensor, count: int,

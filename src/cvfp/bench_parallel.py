@@ -1,0 +1,155 @@
+"""Data-parallel speed: Phase-1 parallel iterations and Phase-2 training steps at N processes.
+
+Run it under torchrun once per process count, then compare:
+
+    torchrun --standalone --nproc_per_node=1 -m cvfp.bench_parallel --json one.json
+    torchrun --standalone --nproc_per_node=2 -m cvfp.bench_parallel --json two.json
+    python -m cvfp.bench_parallel --compare one.json two.json      # the table, with scaling efficiency
+
+Each process takes one GPU (NCCL) or CPU cores (gloo) and times, after warm-up, the median of
+`--repeats` of the very code the stages run: `phase1.train_step` on its shard of `--tokens`
+(losses summed over ranks, gradients averaged), and `phase2.train_batch` on its share of a
+global batch of `--p2-batch` positions (DistributedSampler's order). The model and sizes are
+cvfp.bench's (6 blocks x 768, vocab 8192, 65,536 tokens, bf16 on CUDA). Rank 0 writes the JSON.
+
+Scaling efficiency = (rate at N processes) / (N x rate at one process), for a fixed total
+problem (strong scaling): the same 65,536 tokens per Phase-1 iteration, the same global batch.
+It imports only torch and cvfp modules that import only torch, so it runs on a bare GPU box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cvfp import distributed, fast, phase1, phase2
+from cvfp.bench import (build_model, device_name, load_ids, median, phase1_params, phase2_params, prepare_phase1,
+                        timed)
+from cvfp.distributed import Shard, World
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cvfp.bench_parallel", description=__doc__.split("\n")[0])
+    parser.add_argument("--blocks", type=int, default=6)
+    parser.add_argument("--dim", type=int, default=768, help="context_dim = embed_dim")
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--tokens", type=int, default=65536, help="Phase-1 stream length (all ranks together)")
+    parser.add_argument("--p2-batch", type=int, default=65536, help="Phase-2 global batch (all ranks together)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="output file (default metrics/timing/bench-parallel-<N>.json)")
+    parser.add_argument("--compare", nargs="+", metavar="JSON", help="print the table of earlier runs and exit")
+    args = parser.parse_args(argv)
+    args.batch_tokens = 0  # cvfp.bench's Phase-1 chunk; set per rank below
+    return args
+
+
+def bench_phase1(args, device, precision, ids, world: World) -> dict[str, Any]:
+    model = build_model(args, device)
+    optimizer = fast.adam(prepare_phase1(model), 0.002, device)
+    params = phase1_params(args, precision)
+    part = Shard(ids.numel(), world)
+    params.batch_tokens = part.hi - part.lo  # one chunk per rank: the single-pass step, as the stage runs it
+    with torch.no_grad():
+        embeddings = model.embed(ids[part.lo:part.hi])
+    generator = torch.Generator().manual_seed(args.seed)
+    previous = torch.randn(part.n, args.dim, generator=generator).to(device)  # the same stream on every rank
+    mine, carry = previous[part.lo:part.hi].contiguous(), previous[part.lo - 1].clone()
+    diversity = phase1.DiversityLoss("global_deviation", 0.99, part)
+
+    def iteration():
+        phase1.train_step(model, optimizer, embeddings, mine, diversity, params, carry)
+
+    seconds = median(timed(iteration, device, args.repeats, warmup=2))
+    return {"parallel_iteration_seconds": seconds, "tokens": part.n, "tokens_per_rank": part.hi - part.lo,
+            "token_iterations_per_second": part.n / seconds}
+
+
+def bench_phase2(args, device, precision, ids, world: World) -> dict[str, Any]:
+    model = build_model(args, device)
+    phase2.init_head_(model, args.seed)
+    trainable = phase2.set_trainable(model, False, False)
+    optimizer = fast.adam(trainable, 1e-3, device)
+    generator = torch.Generator().manual_seed(args.seed)
+    cstar = torch.randn(ids.numel(), args.dim, generator=generator).to(device)
+    batch = min(args.p2_batch, ids.numel() - 1)
+    batches = [(b.to(device), count) for b, count in
+               distributed.sampler_batches(ids.numel() - 1, batch, args.seed, 0, world) if count == batch]
+    params = phase2_params(precision)
+    state = {"i": 0}
+
+    def step():
+        positions, count = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        phase2.train_batch(model, optimizer, trainable, ids, cstar, positions, count, params, world)
+
+    seconds = median(timed(step, device, args.repeats, warmup=2))
+    return {"train_step_seconds": seconds, "global_batch": batch, "batch_per_rank": batch // world.size,
+            "train_tokens_per_second": batch / seconds}
+
+
+def compare(paths: list[str]) -> str:
+    """Markdown table of runs at different process counts, with scaling efficiency against the 1-process run."""
+    runs = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r["world_size"])
+    base = runs[0]
+    if base["world_size"] != 1:
+        raise SystemExit("--compare needs a run with one process (the baseline of the efficiency)")
+    lines = [f"{base['device']} x N, torch {base['torch']}, {base['config']}",
+             "| processes | Phase-1 parallel iteration (ms) | token-iterations/s | efficiency | "
+             "Phase-2 train step (ms) | Phase-2 tokens/s | efficiency |",
+             "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        n, p1, p2 = run["world_size"], run["phase1"], run["phase2"]
+        e1 = p1["token_iterations_per_second"] / (n * base["phase1"]["token_iterations_per_second"])
+        e2 = p2["train_tokens_per_second"] / (n * base["phase2"]["train_tokens_per_second"])
+        lines.append(f"| {n} | {p1['parallel_iteration_seconds'] * 1e3:.2f} | {p1['token_iterations_per_second']:,.0f}"
+                     f" | {e1:.1%} | {p2['train_step_seconds'] * 1e3:.2f} | {p2['train_tokens_per_second']:,.0f}"
+                     f" | {e2:.1%} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    if args.compare:
+        print(compare(args.compare))
+        return None
+    from cvfp.runtime import resolve_device
+
+    device = resolve_device("auto")  # under torchrun: this process's GPU
+    world = distributed.setup(device.type)
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(args.seed)
+    ids, source = load_ids(args.tokens, args.vocab, args.seed)
+    ids = ids.to(device)
+    report: dict[str, Any] = {
+        "command": " ".join(["python -m cvfp.bench_parallel", *(sys.argv[1:] if argv is None else argv)]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device_name(device), "torch": torch.__version__, "world_size": world.size,
+        "backend": torch.distributed.get_backend() if world.active else "none",
+        "config": {"blocks": args.blocks, "dim": args.dim, "vocab": args.vocab, "tokens": args.tokens,
+                   "p2_batch": args.p2_batch, "precision": precision, "data": source}}
+    try:
+        report["phase1"] = bench_phase1(args, device, precision, ids, world)
+        report["phase2"] = bench_phase2(args, device, precision, ids, world)
+    finally:
+        distributed.teardown()
+    if world.is_main:
+        path = Path(args.json or f"metrics/timing/bench-parallel-{world.size}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"{world.size} process(es) on {report['device']}: Phase-1 parallel iteration "
+              f"{report['phase1']['parallel_iteration_seconds'] * 1e3:.2f} ms, Phase-2 "
+              f"{report['phase2']['train_tokens_per_second']:,.0f} tokens/s; wrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
