@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_params
+from mlflow.tracking import MlflowClient
 
 import distributed_cases
 from cvfp.distributed import SINGLE, World, sampler_batches, shard
@@ -172,6 +173,16 @@ def test_dvc_repro_with_two_processes_gives_the_same_metrics(tmp_path):
         assert "x 2 process(es)" in log  # the stage ran under torchrun
         two[stage] = metrics(stage)
     assert_same(two, one, "metrics")
+    # rank 0 alone records to MLflow: one run per stage execution, finished, with the curves once
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cvfp").experiment_id])
+    for stage in ("phase1", "phase2"):
+        mine = [r for r in runs if r.data.tags.get("cvfp.stage") == stage]
+        assert len(mine) == 2 and all(r.info.status == "FINISHED" for r in mine), stage
+        assert mine[0].data.params["distributed.nproc_per_node"] in ("1", "2")
+    newest = max((r for r in runs if r.data.tags.get("cvfp.stage") == "phase1"), key=lambda r: r.info.start_time)
+    assert newest.data.params["distributed.nproc_per_node"] == "2"
+    assert len(client.get_metric_history(newest.info.run_id, "train_effective_rank")) == two["phase1"]["iterations"]
 
 
 def test_parallel_bench_runs_at_one_and_two_processes_and_compares(tmp_path):
