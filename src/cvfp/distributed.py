@@ -212,7 +212,7 @@ def gather_rows(local: torch.Tensor, n: int, world: World) -> torch.Tensor:
 def select_rows(local: torch.Tensor, lo: int, indices: torch.Tensor, world: World) -> torch.Tensor:
     """Rows `indices` (sorted, global) of the sharded matrix whose rows [lo, lo+len(local)) this rank holds."""
     if not world.active:
-        return local[indices.to(local.device)]
+        return local if indices.numel() == local.shape[0] else local[indices.to(local.device)]
     out = local.new_zeros((indices.numel(), *local.shape[1:]))
     mine = (indices >= lo) & (indices < lo + local.shape[0])
     out[mine.to(local.device)] = local[(indices[mine] - lo).to(local.device)]

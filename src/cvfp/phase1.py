@@ -55,11 +55,12 @@ class DiversityLoss:
         self.mean: torch.Tensor | None = None
         self.var: torch.Tensor | None = None
 
-    def _part(self, contexts: torch.Tensor) -> Shard:
+    def shard_of(self, contexts: torch.Tensor) -> Shard:
+        """The rows `contexts` are of the stream: `part`, or the whole of `contexts` when none was given."""
         return self.part or Shard(contexts.shape[0])
 
     def __call__(self, contexts: torch.Tensor) -> torch.Tensor:
-        part = self._part(contexts)
+        part = self.shard_of(contexts)
         if self.kind == "global_deviation":
             # -||C - mean(C)||_F / N: larger spread around the centroid, lower loss
             centroid = part.sum(contexts.sum(dim=0)) / part.n
@@ -77,7 +78,7 @@ class DiversityLoss:
         """Advance the EMA statistics with this iteration's (detached) contexts."""
         if self.kind != "ema_variance" or self.mean is None:
             return
-        contexts, part, m = contexts.detach(), self._part(contexts), self.momentum
+        contexts, part, m = contexts.detach(), self.shard_of(contexts), self.momentum
         self.var = m * self.var + (1 - m) * part.sum((contexts - self.mean).pow(2).sum(dim=0)) / part.n
         self.mean = m * self.mean + (1 - m) * part.sum(contexts.sum(dim=0)) / part.n
 
@@ -98,7 +99,7 @@ def context_losses(contexts: torch.Tensor, previous: torch.Tensor, diversity: Di
 
     Over the whole stream: the rows of `contexts` are `diversity.part` of it.
     """
-    part = diversity._part(contexts)
+    part = diversity.shard_of(contexts)
     cvfp = part.sum((contexts - previous).pow(2).sum()) / (part.n * contexts.shape[1])
     div = diversity(contexts)
     return {"cvfp_loss": cvfp, "diversity_loss": div, "total_loss": (1 - dist_reg_weight) * cvfp + dist_reg_weight * div}
@@ -161,7 +162,7 @@ def train_step(model: CVFPModel, optimizer: torch.optim.Optimizer, embeddings: t
     step; the caller counts it.
     """
     n = embeddings.shape[0]
-    part = diversity._part(previous)
+    part = diversity.shard_of(previous)
     inputs = shifted_inputs(previous, carry)
     if fast.enabled(embeddings.device) and n <= params.batch_tokens:
         return _single_pass_step(model, optimizer, embeddings, inputs, previous, diversity, params)
@@ -216,7 +217,7 @@ def _single_pass_step(model: CVFPModel, optimizer: torch.optim.Optimizer, embedd
     non-finite loss or gradient is decided on the device: the host reads the numbers back
     once, after the optimizer step has been queued, so the GPU never waits for it mid-step.
     """
-    part = diversity._part(previous)
+    part = diversity.shard_of(previous)
     optimizer.zero_grad(set_to_none=True)
     with _autocast(embeddings.device, params.precision):
         output = fast.step_function(model, params.precision)(inputs, embeddings)[0].float()
