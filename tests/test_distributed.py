@@ -199,3 +199,13 @@ def test_parallel_bench_runs_at_one_and_two_processes_and_compares(tmp_path):
                             str(tmp_path / "1.json")], capture_output=True, text=True, check=True).stdout
     rows = [line for line in table.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) == 2 and rows[0].count("100.0%") == 2  # one process is the efficiency's baseline
+
+
+def test_parallel_bench_check_finds_the_gradients_equal(tmp_path):
+    tiny = ["-m", "cvfp.bench_parallel", "--check", "--blocks", "2", "--dim", "8", "--vocab", "64", "--tokens", "258",
+            "--p2-batch", "4096"]
+    done = torchrun(tiny, tmp_path, clean_env(tmp_path), 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = [float(line.split("relative error ")[1].split()[0]) for line in done.stdout.splitlines()
+              if "relative error" in line]
+    assert len(errors) == 2 and all(error < 1e-5 for error in errors), done.stdout

@@ -5,6 +5,13 @@ Run it under torchrun once per process count, then compare:
     torchrun --standalone --nproc_per_node=1 -m cvfp.bench_parallel --json one.json
     torchrun --standalone --nproc_per_node=2 -m cvfp.bench_parallel --json two.json
     python -m cvfp.bench_parallel --compare one.json two.json      # the table, with scaling efficiency
+    torchrun --standalone --nproc_per_node=2 -m cvfp.bench_parallel --check [--same-device]
+
+`--check` instead compares, on this device and precision, the gradient of one Phase-1
+iteration and of one Phase-2 step computed by N processes with the one-process gradient
+(rank 0 recomputes it alone afterwards): relative error ||g_N - g_1|| / ||g_1|| over all
+parameters. `--same-device` puts every process on GPU 0 with gloo, to check the CUDA code
+paths with several processes on a one-GPU machine.
 
 Each process takes one GPU (NCCL) or CPU cores (gloo) and times, after warm-up, the median of
 `--repeats` of the very code the stages run: `phase1.train_step` on its shard of `--tokens`
@@ -46,9 +53,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="output file (default metrics/timing/bench-parallel-<N>.json)")
     parser.add_argument("--compare", nargs="+", metavar="JSON", help="print the table of earlier runs and exit")
+    parser.add_argument("--check", action="store_true", help="compare N-process gradients with one process's")
+    parser.add_argument("--same-device", action="store_true", help="every process on GPU 0, gloo (with --check)")
     args = parser.parse_args(argv)
     args.batch_tokens = 0  # cvfp.bench's Phase-1 chunk; set per rank below
     return args
+
+
+def global_batch(args, ids: torch.Tensor, world: World) -> int:
+    """The Phase-2 global batch: --p2-batch, at most the N-1 positions, a multiple of the process count."""
+    return min(args.p2_batch, ids.numel() - 1) // world.size * world.size
 
 
 def bench_phase1(args, device, precision, ids, world: World) -> dict[str, Any]:
@@ -79,7 +93,7 @@ def bench_phase2(args, device, precision, ids, world: World) -> dict[str, Any]:
     optimizer = fast.adam(trainable, 1e-3, device)
     generator = torch.Generator().manual_seed(args.seed)
     cstar = torch.randn(ids.numel(), args.dim, generator=generator).to(device)
-    batch = min(args.p2_batch, ids.numel() - 1)
+    batch = global_batch(args, ids, world)
     batches = [(b.to(device), count) for b, count in
                distributed.sampler_batches(ids.numel() - 1, batch, args.seed, 0, world) if count == batch]
     params = phase2_params(precision)
@@ -93,6 +107,56 @@ def bench_phase2(args, device, precision, ids, world: World) -> dict[str, Any]:
     seconds = median(timed(step, device, args.repeats, warmup=2))
     return {"train_step_seconds": seconds, "global_batch": batch, "batch_per_rank": batch // world.size,
             "train_tokens_per_second": batch / seconds}
+
+
+def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.float().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def check_gradients(args, device, precision, ids, world: World) -> dict[str, Any] | None:
+    """Relative error of the N-process gradients (Phase-1 iteration, Phase-2 step) against one process's."""
+    from cvfp.distributed import SINGLE
+
+    generator = torch.Generator().manual_seed(args.seed)
+    previous = torch.randn(ids.numel(), args.dim, generator=generator).to(device)
+    cstar = torch.randn(ids.numel(), args.dim, generator=generator).to(device)
+    batch = global_batch(args, ids, world)
+
+    def phase1_gradient(w: World) -> torch.Tensor:
+        model = build_model(args, device)
+        optimizer = torch.optim.SGD(prepare_phase1(model), lr=0.0)  # keeps the gradient, changes nothing
+        part = Shard(ids.numel(), w)
+        params = phase1_params(args, precision)
+        params.batch_tokens = part.hi - part.lo
+        with torch.no_grad():
+            embeddings = model.embed(ids[part.lo:part.hi])
+        phase1.train_step(model, optimizer, embeddings, previous[part.lo:part.hi],
+                          phase1.DiversityLoss("global_deviation", 0.99, part), params, previous[part.lo - 1])
+        return _gradients(model)
+
+    def phase2_gradient(w: World) -> torch.Tensor:
+        model = build_model(args, device)
+        phase2.init_head_(model, args.seed)
+        trainable = phase2.set_trainable(model, False, False)
+        positions, count = next(iter(distributed.sampler_batches(ids.numel() - 1, batch, args.seed, 0, w)))
+        phase2.train_batch(model, torch.optim.SGD(trainable, lr=0.0), trainable, ids, cstar, positions.to(device),
+                           count, phase2_params(precision), w)
+        return _gradients(model)
+
+    sharded = {"phase1": phase1_gradient(world), "phase2": phase2_gradient(world)}
+    distributed.teardown()
+    if not world.is_main:
+        return None
+    out = {}
+    for name, fn in (("phase1", phase1_gradient), ("phase2", phase2_gradient)):
+        whole, got = fn(SINGLE), sharded[name]
+        flat_whole = torch.cat([g.reshape(-1) for g in whole.values()])
+        flat_got = torch.cat([got[key].reshape(-1) for key in whole])
+        per_tensor = {key: float((got[key] - g).norm() / g.norm().clamp_min(1e-30)) for key, g in whole.items()}
+        out[name] = {"relative_error": float((flat_got - flat_whole).norm() / flat_whole.norm()),
+                     "gradient_norm": float(flat_whole.norm()), "elements": flat_whole.numel(),
+                     "worst_tensors": sorted(per_tensor.items(), key=lambda item: -item[1])[:4]}
+    return out
 
 
 def compare(paths: list[str]) -> str:
@@ -123,7 +187,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     from cvfp.runtime import resolve_device
 
     device = resolve_device("auto")  # under torchrun: this process's GPU
-    world = distributed.setup(device.type)
+    if args.same_device and device.type == "cuda":
+        device = torch.device("cuda", 0)
+    world = distributed.setup(device.type, "gloo" if args.same_device else None)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(args.seed)
@@ -136,6 +202,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "backend": torch.distributed.get_backend() if world.active else "none",
         "config": {"blocks": args.blocks, "dim": args.dim, "vocab": args.vocab, "tokens": args.tokens,
                    "p2_batch": args.p2_batch, "precision": precision, "data": source}}
+    if args.check:
+        report["check"] = check_gradients(args, device, precision, ids, world)
+        if world.is_main:
+            for name, result in report["check"].items():
+                print(f"{name}: {world.size} processes vs 1, {precision} on {report['device']}: gradient relative "
+                      f"error {result['relative_error']:.2e} (|g| {result['gradient_norm']:.3e}, "
+                      f"{result['elements']:,} elements); worst tensors {result['worst_tensors']}")
+        return report
     try:
         report["phase1"] = bench_phase1(args, device, precision, ids, world)
         report["phase2"] = bench_phase2(args, device, precision, ids, world)

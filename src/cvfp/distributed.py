@@ -79,13 +79,18 @@ def relaunch(nproc: int, argv: list[str] | None = None) -> int:
     return subprocess.run(command, env=env).returncode
 
 
-def setup(device_type: str) -> World:
-    """Join the process group torchrun describes (NCCL for CUDA, else gloo); SINGLE outside torchrun."""
+def setup(device_type: str, backend: str | None = None) -> World:
+    """Join the process group torchrun describes (NCCL for CUDA, else gloo); SINGLE outside torchrun.
+
+    `backend="gloo"` with CUDA leaves every process on the current GPU (a check of the CUDA
+    code paths with several processes on a one-GPU machine; NCCL refuses to share a GPU).
+    """
     if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
         return SINGLE
-    if device_type == "cuda":
+    backend = backend or ("nccl" if device_type == "cuda" else "gloo")
+    if device_type == "cuda" and backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    dist.init_process_group(backend=backend)
     return current()
 
 
