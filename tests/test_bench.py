@@ -177,3 +177,31 @@ def test_bf16_stream_step_stays_within_bf16_rounding_of_the_plain_step(fast_on_c
     scale = exact.norm()
     assert (got - exact).norm() / scale < 2e-2  # bf16 operands: relative error between 1e-3 and 1e-2
     assert (autocast_only - exact).norm() / scale < 2e-2
+
+
+def test_phase2_training_on_the_fast_path_equals_plain(fast_on_cpu, monkeypatch):
+    """train_phase2 end to end: compiled losses and fused Adam (CVFP_FAST=1) against the plain path."""
+    from test_phase2 import CONTEXT, stream
+    from test_phase2 import tiny_model as phase2_model
+
+    from cvfp.params import Phase2Params
+
+    ids, val_ids = stream(60), stream(30, seed=2)
+    generator = torch.Generator().manual_seed(4)
+    cstar, val_cstar = torch.randn(60, CONTEXT, generator=generator), torch.randn(30, CONTEXT, generator=generator)
+    runs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("CVFP_FAST", flag)
+        model = phase2_model()
+        result = phase2.train_phase2(model, ids, cstar, val_ids, val_cstar, 100, Phase2Params(epochs=3, batch_size=8),
+                                     seed=0, log=lambda _: None)
+        runs.append((result.summary, model.state_dict()))
+    (plain, plain_state), (fast_summary, fast_state) = runs
+    assert plain["epochs_run"] == fast_summary["epochs_run"] == 3
+    for key, value in plain.items():
+        if isinstance(value, float):
+            assert fast_summary[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+        else:
+            assert fast_summary[key] == value, key
+    for name, tensor in plain_state.items():
+        torch.testing.assert_close(fast_state[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
