@@ -195,14 +195,21 @@ def test_queued_experiments_land_in_the_workspace_store(project):
     root, env, _ = project
     for lr in ("0.01", "0.0003"):
         sh(["dvc", "exp", "run", "--queue", "-S", f"phase2.lr={lr}"], root, env)
-    sh(["dvc", "queue", "start", "-j", "2"], root, env)
-    deadline = time.monotonic() + 600
-    while True:
-        status = sh(["dvc", "queue", "status"], root, env)
-        if not any(word in status for word in ("Running", "Queued")):
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(3)
+    # `dvc queue start` leaves worker daemons behind that inherit its stdout/stderr: capturing them would
+    # wait for the daemons to exit (seen once: a worker lingered after the queue ran dry), so they go to a file
+    with open(root.parent / "queue-start.log", "w") as out:  # outside the workspace
+        assert subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=root, env=env, stdout=out, stderr=out,
+                              stdin=subprocess.DEVNULL, timeout=120).returncode == 0
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            status = sh(["dvc", "queue", "status"], root, env)
+            if not any(word in status for word in ("Running", "Queued")):
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(3)
+    finally:
+        subprocess.run(["dvc", "queue", "stop"], cwd=root, env=env, capture_output=True, timeout=120)
     assert status.count("Success") == 2, status
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("cvfp")
