@@ -1,7 +1,6 @@
 """Faults: a broken tracking store, damaged artifacts, hostile corpus documents."""
 
 import json
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -9,7 +8,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import write_params

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cvfp.distributed import (SINGLE, Shard, World, average_gradients, broadcast_module, main_only,
+from cvfp.distributed import (SINGLE, Shard, World, backward_and_step, broadcast_module, main_only,
                               sampler_batches)
 from cvfp.distributed import current as current_world
 from cvfp.io import ArtifactError, load_checkpoint, save_checkpoint
@@ -281,13 +281,9 @@ def train_baseline(model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Ten
             if not torch.isfinite(loss):
                 skipped_steps += 1
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            average_gradients(list(model.parameters()), world)
-            if not torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)):
+            if not backward_and_step(loss, optimizer, list(model.parameters()), params.grad_clip, world):
                 skipped_steps += 1
                 continue
-            optimizer.step()
             total += float(loss.detach()) * count
             seen += count
         bar.close()

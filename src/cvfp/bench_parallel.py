@@ -38,7 +38,7 @@ import torch
 from cvfp import distributed, fast, phase1, phase2
 from cvfp.bench import (build_model, device_name, load_ids, median, phase1_params, phase2_params, prepare_phase1,
                         timed)
-from cvfp.distributed import Shard, World
+from cvfp.distributed import SINGLE, Shard, World
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,34 +65,51 @@ def global_batch(args, ids: torch.Tensor, world: World) -> int:
     return min(args.p2_batch, ids.numel() - 1) // world.size * world.size
 
 
-def bench_phase1(args, device, precision, ids, world: World) -> dict[str, Any]:
+def _streams(args, ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded stand-ins, the same on every rank: the previous iteration's contexts (Phase 1) and C* (Phase 2)."""
+    generator = torch.Generator().manual_seed(args.seed)
+    return tuple(torch.randn(ids.numel(), args.dim, generator=generator).to(device) for _ in range(2))
+
+
+def _phase1_setup(args, device, precision, ids, previous, world: World):
+    """A fresh model and this rank's arguments of `phase1.train_step` after the optimizer: (model, trainable, args)."""
     model = build_model(args, device)
-    optimizer = fast.adam(prepare_phase1(model), 0.002, device)
-    params = phase1_params(args, precision)
+    trainable = prepare_phase1(model)
     part = Shard(ids.numel(), world)
+    params = phase1_params(args, precision)
     params.batch_tokens = part.hi - part.lo  # one chunk per rank: the single-pass step, as the stage runs it
     with torch.no_grad():
         embeddings = model.embed(ids[part.lo:part.hi])
-    generator = torch.Generator().manual_seed(args.seed)
-    previous = torch.randn(part.n, args.dim, generator=generator).to(device)  # the same stream on every rank
-    mine, carry = previous[part.lo:part.hi].contiguous(), previous[part.lo - 1].clone()
-    diversity = phase1.DiversityLoss("global_deviation", 0.99, part)
+    step_args = (embeddings, previous[part.lo:part.hi].contiguous(),
+                 phase1.DiversityLoss("global_deviation", 0.99, part), params, previous[part.lo - 1].clone())
+    return model, trainable, step_args
+
+
+def _phase2_setup(args, device):
+    """A fresh model with Phase 2's head and trainable set: (model, trainable)."""
+    model = build_model(args, device)
+    phase2.init_head_(model, args.seed)
+    return model, phase2.set_trainable(model, False, False)
+
+
+def bench_phase1(args, device, precision, ids, world: World) -> dict[str, Any]:
+    previous, _ = _streams(args, ids, device)
+    model, trainable, step_args = _phase1_setup(args, device, precision, ids, previous, world)
+    optimizer = fast.adam(trainable, 0.002, device)
 
     def iteration():
-        phase1.train_step(model, optimizer, embeddings, mine, diversity, params, carry)
+        phase1.train_step(model, optimizer, *step_args)
 
     seconds = median(timed(iteration, device, args.repeats, warmup=2))
-    return {"parallel_iteration_seconds": seconds, "tokens": part.n, "tokens_per_rank": part.hi - part.lo,
-            "token_iterations_per_second": part.n / seconds}
+    local = step_args[0].shape[0]
+    return {"parallel_iteration_seconds": seconds, "tokens": ids.numel(), "tokens_per_rank": local,
+            "token_iterations_per_second": ids.numel() / seconds}
 
 
 def bench_phase2(args, device, precision, ids, world: World) -> dict[str, Any]:
-    model = build_model(args, device)
-    phase2.init_head_(model, args.seed)
-    trainable = phase2.set_trainable(model, False, False)
+    _, cstar = _streams(args, ids, device)
+    model, trainable = _phase2_setup(args, device)
     optimizer = fast.adam(trainable, 1e-3, device)
-    generator = torch.Generator().manual_seed(args.seed)
-    cstar = torch.randn(ids.numel(), args.dim, generator=generator).to(device)
     batch = global_batch(args, ids, world)
     batches = [(b.to(device), count) for b, count in
                distributed.sampler_batches(ids.numel() - 1, batch, args.seed, 0, world) if count == batch]
@@ -115,29 +132,16 @@ def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def check_gradients(args, device, precision, ids, world: World) -> dict[str, Any] | None:
     """Relative error of the N-process gradients (Phase-1 iteration, Phase-2 step) against one process's."""
-    from cvfp.distributed import SINGLE
-
-    generator = torch.Generator().manual_seed(args.seed)
-    previous = torch.randn(ids.numel(), args.dim, generator=generator).to(device)
-    cstar = torch.randn(ids.numel(), args.dim, generator=generator).to(device)
+    previous, cstar = _streams(args, ids, device)
     batch = global_batch(args, ids, world)
 
-    def phase1_gradient(w: World) -> torch.Tensor:
-        model = build_model(args, device)
-        optimizer = torch.optim.SGD(prepare_phase1(model), lr=0.0)  # keeps the gradient, changes nothing
-        part = Shard(ids.numel(), w)
-        params = phase1_params(args, precision)
-        params.batch_tokens = part.hi - part.lo
-        with torch.no_grad():
-            embeddings = model.embed(ids[part.lo:part.hi])
-        phase1.train_step(model, optimizer, embeddings, previous[part.lo:part.hi],
-                          phase1.DiversityLoss("global_deviation", 0.99, part), params, previous[part.lo - 1])
+    def phase1_gradient(w: World) -> dict[str, torch.Tensor]:
+        model, trainable, step_args = _phase1_setup(args, device, precision, ids, previous, w)
+        phase1.train_step(model, torch.optim.SGD(trainable, lr=0.0), *step_args)  # lr 0: keeps the gradient only
         return _gradients(model)
 
-    def phase2_gradient(w: World) -> torch.Tensor:
-        model = build_model(args, device)
-        phase2.init_head_(model, args.seed)
-        trainable = phase2.set_trainable(model, False, False)
+    def phase2_gradient(w: World) -> dict[str, torch.Tensor]:
+        model, trainable = _phase2_setup(args, device)
         positions, count = next(iter(distributed.sampler_batches(ids.numel() - 1, batch, args.seed, 0, w)))
         phase2.train_batch(model, torch.optim.SGD(trainable, lr=0.0), trainable, ids, cstar, positions.to(device),
                            count, phase2_params(precision), w)

@@ -181,6 +181,23 @@ def average_gradients(parameters: list[torch.nn.Parameter], world: World) -> Non
         offset += p.numel()
 
 
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter],
+                      grad_clip: float, world: World) -> bool:
+    """Back-propagate a finite `loss` (the same on every rank), average the gradients, clip, step.
+
+    Returns False, with nothing stepped and the gradients cleared, when the clipped gradient's
+    norm is not finite (the norm is taken after averaging, so every rank decides alike).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(parameters, world)
+    if not torch.isfinite(torch.nn.utils.clip_grad_norm_(parameters, grad_clip)):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
+
+
 def broadcast_module(module: torch.nn.Module, world: World) -> None:
     """Copy rank 0's parameters and buffers to every rank (a common start, as DDP does)."""
     if not world.active:
@@ -201,17 +218,13 @@ def gather_rows(local: torch.Tensor, n: int, world: World) -> torch.Tensor:
     """The full (n, ...) matrix from each rank's contiguous `shard` of rows, on every rank."""
     if not world.active:
         return local
-    pieces = []
-    for rank in range(world.size):
-        lo, hi = shard(n, World(rank, world.size))
-        pieces.append(local.new_empty((hi - lo, *local.shape[1:])))
+    sizes = [hi - lo for lo, hi in (shard(n, World(rank, world.size)) for rank in range(world.size))]
     # gloo and NCCL all_gather need equal sizes: pad to the largest shard
-    largest = max(p.shape[0] for p in pieces)
-    padded = local.new_zeros((largest, *local.shape[1:]))
+    padded = local.new_zeros((max(sizes), *local.shape[1:]))
     padded[:local.shape[0]] = local
     buffers = [torch.empty_like(padded) for _ in range(world.size)]
-    dist.all_gather(buffers, padded.contiguous())
-    return torch.cat([buffer[:piece.shape[0]] for buffer, piece in zip(buffers, pieces)])
+    dist.all_gather(buffers, padded)
+    return torch.cat([buffer[:size] for buffer, size in zip(buffers, sizes)])
 
 
 def select_rows(local: torch.Tensor, lo: int, indices: torch.Tensor, world: World) -> torch.Tensor:

@@ -55,17 +55,24 @@ def sample_rows(matrix: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
     return matrix
 
 
+def change_sums(contexts: torch.Tensor, previous: torch.Tensor, threshold: float) -> list[float]:
+    """[tokens whose mean squared change over dimensions is below `threshold`, sum of (c - c_prev)^2, sum of c^2].
+
+    Sums over rows, so those of a stream held in shards are the sums of the shards' (Phase 1 under torchrun).
+    """
+    change = (contexts.float() - previous.float()).pow(2)
+    return [float((change.mean(dim=-1) < threshold).sum()), float(change.sum()), float(contexts.float().pow(2).sum())]
+
+
 def convergence(contexts: torch.Tensor, previous: torch.Tensor, threshold: float) -> tuple[int, float]:
     """Tokens whose mean squared change over dimensions is below `threshold`: (count, rate)."""
-    per_token = (contexts.float() - previous.float()).pow(2).mean(dim=-1)
-    converged = int((per_token < threshold).sum())
+    converged = int(change_sums(contexts, previous, threshold)[0])
     return converged, converged / max(contexts.shape[0], 1)
 
 
-def relative_residual(contexts: torch.Tensor, previous: torch.Tensor) -> float:
-    """||c^k - c^(k-1)|| / ||c^k|| (the deep-equilibrium-model convention)."""
-    norm = float(contexts.float().norm())
-    return float((contexts.float() - previous.float()).norm()) / norm if norm > 0 else math.inf
+def relative_residual(change_sq: float, norm_sq: float) -> float:
+    """||c^k - c^(k-1)|| / ||c^k|| (the deep-equilibrium-model convention), from `change_sums`' last two sums."""
+    return math.sqrt(change_sq / norm_sq) if norm_sq > 0 else math.inf
 
 
 def format_rank(value: float, dim: int) -> str:

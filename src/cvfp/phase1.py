@@ -35,7 +35,7 @@ from cvfp.cstar import fast_scan
 from cvfp.distributed import (Shard, World, average_gradients, broadcast, broadcast_module, gather_rows, main_only,
                               previous_rank_rows, select_rows, sum_numbers)
 from cvfp.distributed import current as current_world
-from cvfp.metrics import effective_rank, format_rank, format_rate, sample_indices
+from cvfp.metrics import change_sums, effective_rank, format_rank, format_rate, relative_residual, sample_indices
 from cvfp.model import CVFPModel
 
 EMA_EPS = 1e-6  # the seed's guard in 1 / (mean(var) + eps)
@@ -280,13 +280,9 @@ def _stats(contexts: torch.Tensor, previous: torch.Tensor | None, losses: dict[s
     """Numbers of the whole stream, from this rank's rows `part` of it (counts and norms summed over ranks)."""
     converged, residual = None, None
     if previous is not None:
-        change = (contexts.float() - previous.float()).pow(2)
-        count, change_sq, norm_sq = sum_numbers(
-            [float((change.mean(dim=-1) < params.convergence_threshold).sum()), float(change.sum()),
-             float(contexts.float().pow(2).sum())], part.world)
-        converged = int(count)
-        # ||c^k - c^(k-1)|| / ||c^k|| (the deep-equilibrium-model convention)
-        residual = math.sqrt(change_sq / norm_sq) if norm_sq > 0 else math.inf
+        count, change_sq, norm_sq = sum_numbers(change_sums(contexts, previous, params.convergence_threshold),
+                                                part.world)
+        converged, residual = int(count), relative_residual(change_sq, norm_sq)
     rows = select_rows(contexts, part.lo, sample_indices(part.n, params.effective_rank_samples, seed), part.world)
     return IterationStats(
         cvfp_loss=losses["cvfp_loss"] if losses else None,

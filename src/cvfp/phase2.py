@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cvfp import fast
-from cvfp.distributed import (Shard, World, average_gradients, broadcast_module, main_only, sampler_batches,
+from cvfp.distributed import (Shard, World, backward_and_step, broadcast_module, main_only, sampler_batches,
                               sum_numbers)
 from cvfp.distributed import current as current_world
 from cvfp.metrics import bits_per_byte, format_rate
@@ -315,16 +315,8 @@ def train_batch(model: CVFPModel, optimizer: torch.optim.Optimizer, trainable: l
     gradient was not finite and the step was skipped (identically on every rank).
     """
     loss, sums = _global_batch_loss(model, ids, cstar, batch, count, params, world)
-    if not math.isfinite(sums[0]):
+    if not math.isfinite(sums[0]) or not backward_and_step(loss, optimizer, trainable, params.grad_clip, world):
         return None
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    average_gradients(trainable, world)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
-    if not torch.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
-        return None
-    optimizer.step()
     return sums
 
 

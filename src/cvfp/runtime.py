@@ -61,7 +61,9 @@ def resolve_device(name: str):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and os.environ.get("LOCAL_RANK") and os.environ.get("TORCHELASTIC_RUN_ID"):
+    from cvfp.distributed import launched
+
+    if device.type == "cuda" and launched():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun process
     return device
 
