@@ -8,7 +8,8 @@ from cvfp.baselines import (KINDS, baseline_args, build, cvfp_trainable_paramete
 from cvfp.data.carve import load_split
 from cvfp.io import sha256_file, write_csv, write_json
 from cvfp.runtime import resolve_device
-from cvfp.stage import StageError, report_timing, run_stage
+from cvfp.errors import StageError
+from cvfp.stage import report_timing, run_stage
 
 TOKENIZER = "data/tokenizer/tokenizer.json"
 CURVES = ("train_loss", "val_loss", "val_ppl", "val_acc", "val_bpb")  # per-epoch columns (dvc plots, MLflow curves)

@@ -4,7 +4,7 @@ import time
 
 from cvfp.cstar import generate_cstar, save_cstar
 from cvfp.data.carve import load_split
-from cvfp.io import ArtifactError, sha256_file, write_json
+from cvfp.io import require_fresh, sha256_file, write_json
 from cvfp.metrics import effective_rank, format_rank
 from cvfp.model import load_model
 from cvfp.runtime import resolve_device
@@ -18,8 +18,7 @@ def body(params, run):
     device = resolve_device(params.device)
     model, payload = load_model(PHASE1, "phase1", device)
     phase1_sha256, tokenizer_sha256 = sha256_file(PHASE1), sha256_file(TOKENIZER)
-    if payload.get("tokenizer_sha256", tokenizer_sha256) != tokenizer_sha256:
-        raise ArtifactError(f"{PHASE1}: trained with another {TOKENIZER}; rerun the 'phase1' stage (dvc repro phase1)")
+    require_fresh(PHASE1, "phase1", {TOKENIZER: (payload.get("tokenizer_sha256"), tokenizer_sha256)}, unrecorded_ok=True)
     dim = model.context_dim
     metrics, timing = {"context_dim": dim}, {}
     for split in ("train", "val"):

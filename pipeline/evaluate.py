@@ -2,8 +2,8 @@
 
 from cvfp.cstar import load_cstar
 from cvfp.data.carve import load_split
-from cvfp.evaluate import check_sources, context_mode_of, evaluate_all, json_ready, results_table
-from cvfp.io import sha256_file, write_csv, write_json
+from cvfp.evaluate import context_mode_of, evaluate_all, json_ready, results_table
+from cvfp.io import require_fresh, sha256_file, write_csv, write_json
 from cvfp.model import load_model
 from cvfp.plots import evaluation_plots
 from cvfp.runtime import resolve_device
@@ -18,8 +18,11 @@ def body(params, run):
     phase1_model, phase1_payload = load_model(PHASE1, "phase1", device)
     final_model, final_payload = load_model(PHASE2, "phase2", device)
     tokenizer_sha256 = sha256_file(TOKENIZER)
-    check_sources(phase1_payload, PHASE1, "phase1", tokenizer_sha256=tokenizer_sha256)
-    check_sources(final_payload, PHASE2, "phase2", tokenizer_sha256=tokenizer_sha256, phase1_sha256=sha256_file(PHASE1))
+    require_fresh(PHASE1, "phase1", {"tokenizer": (phase1_payload.get("tokenizer_sha256"), tokenizer_sha256)},
+                  unrecorded_ok=True)
+    require_fresh(PHASE2, "phase2", {"tokenizer": (final_payload.get("tokenizer_sha256"), tokenizer_sha256),
+                                     "Phase-1 checkpoint": (final_payload.get("phase1_sha256"), sha256_file(PHASE1))},
+                  unrecorded_ok=True)
     context_mode = context_mode_of(final_payload, PHASE2)
     val = load_split("data/splits/val.safetensors", TOKENIZER)
     train_cstar = load_cstar("data/cstar/train.safetensors", PHASE1)

@@ -3,7 +3,8 @@
 from cvfp import distributed
 from cvfp.cstar import load_cstar
 from cvfp.data.carve import load_split
-from cvfp.io import ArtifactError, sha256_file, write_csv, write_json
+from cvfp.errors import ArtifactError
+from cvfp.io import sha256_file, write_csv, write_json
 from cvfp.metrics import format_rate
 from cvfp.model import load_model, save_model
 from cvfp.phase2 import train_phase2

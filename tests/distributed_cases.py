@@ -109,7 +109,8 @@ def run_case(name: str, world: World) -> dict:
 
 def _stage(params_file: str, fail_rank: int, out: str) -> None:
     from cvfp.io import write_json
-    from cvfp.stage import StageError, run_stage
+    from cvfp.errors import StageError
+    from cvfp.stage import run_stage
 
     def body(params, run):
         world = distributed.current()

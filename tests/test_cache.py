@@ -6,7 +6,8 @@ import torch
 from cvfp.data.cache import build_stream, encode_documents, load_stream, save_stream
 from cvfp.data.corpus import BOUNDARY_TOKEN, ROLE_TOKENS, document_bytes, render, write_documents
 from cvfp.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from cvfp.io import ArtifactError, sha256_file
+from cvfp.errors import ArtifactError
+from cvfp.io import sha256_file
 
 VOCAB = 300
 

@@ -15,9 +15,11 @@ from cvfp.data.cache import TokenStream, load_stream, save_stream
 from cvfp.data.carve import carve, cut_document, load_split, save_splits
 from cvfp.data.corpus import SPECIAL_TOKENS
 from cvfp.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from cvfp.io import ArtifactError, sha256_file
-from cvfp.params import ParamsError, validate
-from cvfp.stage import StageError
+from cvfp.errors import ArtifactError
+from cvfp.io import sha256_file
+from cvfp.errors import ParamsError
+from cvfp.params import validate
+from cvfp.errors import StageError
 from conftest import write_params
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from cvfp.data.tokenizer import train_tokenizer
 from cvfp.metrics import evaluate_free, next_token_metrics
 from cvfp.model import CVFPModel, ModelArgs
 from cvfp.params import Params
-from cvfp.stage import StageError
+from cvfp.errors import StageError
 
 VAL_BYTES = 1000
 

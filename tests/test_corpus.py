@@ -9,9 +9,9 @@ import pytest
 from cvfp.data import corpus
 from cvfp.data.corpus import (BOUNDARY_TOKEN, document_bytes, load_corpus, read_documents, render,
                               select_documents, take_documents, write_documents)
-from cvfp.io import ArtifactError
+from cvfp.errors import ArtifactError
 from cvfp.params import DataParams
-from cvfp.stage import StageError
+from cvfp.errors import StageError
 
 CHITCHAT_CONVERSATIONS = 7168
 

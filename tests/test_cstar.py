@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import cvfp.cstar as cstar
-from cvfp.io import ArtifactError, sha256_file
+from cvfp.errors import ArtifactError
+from cvfp.io import sha256_file
 from cvfp.model import CVFPModel, ModelArgs
 
 

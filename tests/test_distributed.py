@@ -123,7 +123,8 @@ def test_sampler_batches_split_each_global_batch_between_ranks(n, batch):
 
 
 def test_batch_size_must_divide_between_processes(tmp_path):
-    from cvfp.params import ParamsError, load_params
+    from cvfp.errors import ParamsError
+    from cvfp.params import load_params
 
     write_params(tmp_path / "params.yaml", {"distributed.nproc_per_node": 3})
     with pytest.raises(ParamsError, match="phase2.batch_size=512 must be divisible by distributed.nproc_per_node=3"):

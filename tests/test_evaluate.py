@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import cvfp.evaluate as evaluate
-from cvfp.io import ArtifactError, write_csv
+from cvfp.errors import ArtifactError
+from cvfp.io import write_csv
 from cvfp.metrics import evaluate_free
 from cvfp.model import CVFPModel, ModelArgs
 from cvfp.params import EvaluateParams
@@ -130,14 +131,6 @@ def test_table_survives_a_diverged_free_run(setup):
 def test_json_ready_replaces_non_finite():
     assert evaluate.json_ready({"a": [1.0, math.nan], "b": {"c": -math.inf}, "d": "CONVERGED"}) == \
         {"a": [1.0, None], "b": {"c": None}, "d": "CONVERGED"}
-
-
-def test_check_sources_refuses_a_stale_checkpoint():
-    evaluate.check_sources({"tokenizer_sha256": "abc"}, "models/x.pt", "phase1", tokenizer_sha256="abc")
-    evaluate.check_sources({}, "models/x.pt", "phase1", tokenizer_sha256="abc")  # nothing recorded, nothing to check
-    with pytest.raises(ArtifactError, match="phase2"):
-        evaluate.check_sources({"tokenizer_sha256": "t", "phase1_sha256": "old"}, "models/x.pt", "phase2",
-                               tokenizer_sha256="t", phase1_sha256="new")
 
 
 def test_context_mode_comes_from_the_checkpoint():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cvfp.io import ArtifactError
+from cvfp.errors import ArtifactError
 from cvfp.model import CVFPLayer, CVFPModel, ModelArgs, load_model, save_model
 
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from cvfp.params import Params, ParamsError, load_params, validate
+from cvfp.errors import ParamsError
+from cvfp.params import Params, load_params, validate
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

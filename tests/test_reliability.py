@@ -17,7 +17,8 @@ from cvfp.data.cache import encode_documents, load_stream, save_stream
 from cvfp.data.carve import carve, load_split, save_splits
 from cvfp.data.corpus import document_bytes, load_corpus, read_documents, take_documents, write_documents
 from cvfp.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from cvfp.io import ArtifactError, sha256_file
+from cvfp.errors import ArtifactError
+from cvfp.io import sha256_file
 from cvfp.params import DataParams, Params
 
 REPO = Path(__file__).resolve().parents[1]

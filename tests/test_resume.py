@@ -17,7 +17,7 @@ import cvfp.phase1 as phase1
 import cvfp.phase2 as phase2
 from cvfp.params import Params, Phase1Params, Phase2Params
 from cvfp.resume import checkpointer, fingerprint, load_resume_state
-from cvfp.stage import StageError
+from cvfp.errors import StageError
 from test_phase1 import tiny_model as tiny_model1
 from test_phase2 import CONTEXT, stream
 from test_phase2 import tiny_model as tiny_model2

@@ -8,7 +8,7 @@ from tokenizers import pre_tokenizers
 from cvfp.data.corpus import SPECIAL_TOKENS, message_contents
 from cvfp.data.tokenizer import (MAX_TRAINING_WORD_CHARS, PRE_TOKENIZER_WHITESPACE, bounded_texts, load_tokenizer,
                                  save_tokenizer, special_token_ids, train_tokenizer)
-from cvfp.io import ArtifactError
+from cvfp.errors import ArtifactError
 
 from conftest import UNICODE_SAMPLES
 

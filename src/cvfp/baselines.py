@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from cvfp.distributed import (SINGLE, Shard, World, backward_and_step, broadcast_module, main_only,
                               sampler_batches)
 from cvfp.distributed import current as current_world
-from cvfp.io import ArtifactError, load_checkpoint, save_checkpoint
+from cvfp.errors import ArtifactError
+from cvfp.io import load_checkpoint, save_checkpoint
 from cvfp.metrics import format_rate, next_token_metrics
 
 KINDS = ("gru", "transformer")

@@ -19,7 +19,7 @@ from typing import Any
 
 from cvfp.baselines import KINDS, PARAM_TOLERANCE
 from cvfp.metrics import next_token_metrics
-from cvfp.stage import StageError
+from cvfp.errors import StageError
 
 ROWS = ("cvfp_fixed", "cvfp_free", *KINDS)
 LABELS = {"cvfp_fixed": "CVFP fixed (contexts = C*)", "cvfp_free": "CVFP free-running", "gru": "GRU",

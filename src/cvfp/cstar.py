@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from cvfp import fast
-from cvfp.io import ArtifactError, load_tensors, save_tensors, sha256_file
+from cvfp.errors import ArtifactError
+from cvfp.io import load_tensors, require_fresh, save_tensors, sha256_file
 from cvfp.model import CVFPModel
 
 SCAN_CHUNK = 4096  # tokens per compiled call: the progress bar moves, the Python overhead stays negligible
@@ -201,8 +202,6 @@ def load_cstar(path: str | Path, phase1_path: str | Path) -> torch.Tensor:
         raise ArtifactError(f"{path}: no '{CSTAR_TENSOR}' tensor (not a C* file); rerun the 'cstar' stage (dvc repro -f cstar)")
     if not Path(phase1_path).is_file():
         raise ArtifactError(f"{phase1_path}: missing; run the 'phase1' stage (dvc repro phase1)")
-    recorded, current = meta.get("phase1_sha256"), sha256_file(phase1_path)
-    if recorded != current:
-        raise ArtifactError(f"{path}: stale: made from the Phase-1 checkpoint with sha256 {recorded}, but {phase1_path} "
-                            f"now has sha256 {current}; rerun the 'cstar' stage (dvc repro cstar)")
+    require_fresh(path, "cstar", {f"Phase-1 checkpoint {phase1_path}": (meta.get("phase1_sha256"),
+                                                                          sha256_file(phase1_path))})
     return tensors[CSTAR_TENSOR]

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from cvfp.io import ArtifactError
+from cvfp.errors import ArtifactError
 from cvfp.metrics import (TOKEN_SENSITIVITY_TOLERANCE, context_health, contraction_estimate, convergence_check,
                           format_rank, format_rate, identity_check, next_token_counts,
                           next_token_metrics, singular_spectrum)
@@ -48,18 +48,6 @@ def default_scan_fn(progress_desc: str | None = None) -> Callable:
         return fast(model, embeddings, initial=initial, with_token_out=with_token_out, progress_desc=progress_desc)
 
     return scan_fn
-
-
-def check_sources(payload: dict[str, Any], path: str, stage: str, **expected_sha256: str) -> None:
-    """Refuse a checkpoint whose recorded input hashes (e.g. tokenizer_sha256=..., phase1_sha256=...)
-    differ from the files on disk now: it was built from other inputs and is stale.
-    A hash the checkpoint does not record is not checked."""
-    for key, current in expected_sha256.items():
-        recorded = payload.get(key)
-        if recorded is not None and recorded != current:
-            source = key.removesuffix("_sha256")
-            raise ArtifactError(f"{path}: built from another {source} (stale); rerun the '{stage}' stage "
-                                f"(dvc repro {stage})")
 
 
 def context_mode_of(payload: dict[str, Any], path: str) -> str:

@@ -139,8 +139,7 @@ def load_generator(kind: str, checkpoint: str | Path | None = None, device: torc
     With `tokenizer_path`, a checkpoint built with another tokenizer is refused (stale).
     """
     from cvfp.baselines import load_baseline
-    from cvfp.evaluate import check_sources
-    from cvfp.io import sha256_file
+    from cvfp.io import require_fresh, sha256_file
     from cvfp.model import load_model
 
     if kind not in MODELS:
@@ -149,7 +148,8 @@ def load_generator(kind: str, checkpoint: str | Path | None = None, device: torc
     stage = "phase2" if kind == "cvfp" else "baselines"
     model, payload = load_model(path, stage, device) if kind == "cvfp" else load_baseline(path, device)
     if tokenizer_path is not None:
-        check_sources(payload, str(path), stage, tokenizer_sha256=sha256_file(tokenizer_path))
+        require_fresh(path, stage, {f"tokenizer {tokenizer_path}": (payload.get("tokenizer_sha256"),
+                                                                    sha256_file(tokenizer_path))}, unrecorded_ok=True)
     return CVFPGenerator(model) if kind == "cvfp" else BaselineGenerator(model)
 
 
@@ -169,7 +169,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the continuation of --prompt; a missing or stale artifact is a one-line error (exit 2)."""
-    from cvfp.io import ArtifactError
+    from cvfp.errors import ArtifactError
     from cvfp.runtime import resolve_device
 
     if args.max_new_tokens < 1 or args.top_k < 0 or args.temperature < 0:

@@ -18,9 +18,24 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from cvfp.errors import ArtifactError
 
-class ArtifactError(RuntimeError):
-    """An input artifact is missing, corrupted or stale; the message names the file and the stage to rerun."""
+
+def require_fresh(path: str | Path, stage: str, sources: dict[str, tuple[str | None, str]],
+                  unrecorded_ok: bool = False) -> None:
+    """The one staleness check: refuse an artifact built from other inputs than the files on disk now.
+
+    `sources` maps each input's name to (the sha256 the artifact recorded, that input's sha256
+    now), e.g. {"tokenizer": (meta.get("tokenizer_sha256"), sha256_file(TOKENIZER))}. A hash the
+    artifact did not record is stale too, unless `unrecorded_ok`. The message names the
+    artifact, the input, both hashes and the stage to rerun.
+    """
+    for source, (recorded, current) in sources.items():
+        if recorded is None and unrecorded_ok:
+            continue
+        if recorded != current:
+            raise ArtifactError(f"{path}: stale: built from the {source} with sha256 {recorded or '(none recorded)'}, "
+                                f"but it now has sha256 {current}; rerun the '{stage}' stage (dvc repro {stage})")
 
 
 def sha256_file(path: str | Path) -> str:

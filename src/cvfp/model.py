@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cvfp.io import ArtifactError, load_checkpoint, save_checkpoint
+from cvfp.errors import ArtifactError
+from cvfp.io import load_checkpoint, save_checkpoint
 
 
 @dataclass

@@ -14,11 +14,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cvfp.errors import ParamsError
+
 PARAMS_FILE = "params.yaml"
-
-
-class ParamsError(ValueError):
-    """params.yaml is missing, malformed or out of range; the message names the key."""
 
 
 class _Section(BaseModel):

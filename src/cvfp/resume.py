@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 import torch
 
-from cvfp.io import ArtifactError, load_checkpoint, save_checkpoint
+from cvfp.errors import ArtifactError, StageError
+from cvfp.io import load_checkpoint, save_checkpoint
 
 # params that change how often state is saved or when a run gives up, not the numbers it produces
 NOT_FINGERPRINTED = ("checkpoint_interval", "max_nonfinite_steps")
@@ -98,8 +99,6 @@ def stop_if_diverged(stage: str, nonfinite_run: int, limit: int | None, where: s
     """Raise StageError after `limit` consecutive non-finite losses/gradients (`{stage}.max_nonfinite_steps`)."""
     if limit is None or nonfinite_run < limit:
         return
-    from cvfp.stage import StageError
-
     if bar is not None:
         bar.close()
     raise StageError(

@@ -11,19 +11,12 @@ import sys
 from typing import TYPE_CHECKING, Callable
 
 from cvfp import distributed
-from cvfp.io import ArtifactError
-from cvfp.params import Params, ParamsError, load_params
+from cvfp.errors import KNOWN_ERRORS, ParamsError
+from cvfp.params import Params, load_params
 from cvfp.runtime import configure_environment, resolve_device, seed_everything
 
 if TYPE_CHECKING:
     from cvfp.tracking import StageRun
-
-
-class StageError(RuntimeError):
-    """A stage cannot proceed with these inputs; the message says which input and why."""
-
-
-KNOWN_ERRORS = (ParamsError, ArtifactError, StageError)
 
 
 def run_stage(name: str, body: Callable[[Params, "StageRun"], None], params_file: str = "params.yaml",

@@ -25,7 +25,8 @@ from tokenizers import Tokenizer
 
 from cvfp.data.corpus import BOUNDARY_TOKEN, ROLE_TOKENS, document_bytes, read_documents
 from cvfp.data.tokenizer import load_tokenizer, special_token_ids
-from cvfp.io import ArtifactError, load_tensors, save_tensors, sha256_file
+from cvfp.errors import ArtifactError
+from cvfp.io import load_tensors, require_fresh, save_tensors, sha256_file
 from cvfp.runtime import progress
 
 DOCS_PER_BATCH = 256  # documents per encode_batch call: large enough to use the Rust threads
@@ -128,11 +129,7 @@ def load_token_file(path: str | Path, tokenizer_path: str | Path, stage: str) ->
     if not tokenizer_path.is_file():
         raise ArtifactError(f"{tokenizer_path}: missing; run the 'tokenizer' stage (dvc repro tokenizer)")
     current = sha256_file(tokenizer_path)
-    built_with = meta.get("tokenizer_sha256", "(none recorded)")
-    if built_with != current:
-        raise ArtifactError(
-            f"{path}: built with tokenizer sha256 {built_with}, but {tokenizer_path} now has sha256 {current}; "
-            f"rerun the '{stage}' stage (dvc repro {stage})")
+    require_fresh(path, stage, {f"tokenizer {tokenizer_path}": (meta.get("tokenizer_sha256"), current)})
     try:
         stream = TokenStream(
             ids=tensors["ids"], doc_offsets=tensors["doc_offsets"], doc_bytes=tensors["doc_bytes"],

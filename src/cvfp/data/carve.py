@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from cvfp.data.cache import TokenStream, load_token_file, save_stream
-from cvfp.stage import StageError
+from cvfp.errors import StageError
 
 CARVE_METHODS = ("tail",)
 UNSEEN_POLICIES = ("drop_docs", "fail")

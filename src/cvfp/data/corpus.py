@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from cvfp.io import ArtifactError, write_text
+from cvfp.errors import ArtifactError
+from cvfp.io import write_text
 from cvfp.params import DataParams
-from cvfp.stage import StageError
+from cvfp.errors import StageError
 
 BOUNDARY_TOKEN = "<|endoftext|>"
 ROLE_TOKENS = {"user": "<|user|>", "assistant": "<|assistant|>", "system": "<|system|>"}

@@ -23,7 +23,8 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from cvfp.data.corpus import SPECIAL_TOKENS, message_contents
-from cvfp.io import ArtifactError, write_text
+from cvfp.errors import ArtifactError
+from cvfp.io import write_text
 from cvfp.runtime import progress
 
 # A safety bound, not a hyperparameter: far longer than any word of natural text, short enough that
