@@ -58,21 +58,6 @@ def test_fast_paths_apply_to_cuda_only_unless_forced(monkeypatch):
     assert fast.step_function(model) == model.step  # plain on the CPU: CPU numbers never move
 
 
-@pytest.mark.parametrize("with_token_out", [False, True])
-def test_graph_scan_equals_model_scan_across_blocks(fast_on_cpu, monkeypatch, with_token_out):
-    model = tiny_model(context_dim=16, embed_dim=16, hidden_dim=32, layer_structure=[1] * 3)
-    embeddings = model.embed(torch.randint(0, 40, (101,))).detach()
-    monkeypatch.setattr(cstar, "GRAPH_TOKENS", 16)  # 101 tokens: six full blocks and a short last one
-    for initial in (None, torch.randn(16)):
-        expected = model.scan(embeddings, initial=initial, with_token_out=with_token_out)
-        got = cstar.fast_scan(model, embeddings, initial=initial, with_token_out=with_token_out)  # takes graph_scan
-        compiled = cstar.graph_scan(model, embeddings, initial=initial, with_token_out=with_token_out,
-                                    compiled_step=True)
-        for a, b, c in zip(*(x if with_token_out else (x,) for x in (got, compiled, expected))):
-            torch.testing.assert_close(a, c, rtol=0, atol=0)  # the very same kernels: equal to the bit
-            torch.testing.assert_close(b, c, rtol=0, atol=1e-5)
-
-
 @pytest.mark.parametrize("diversity", ["global_deviation", "ema_variance"])
 @pytest.mark.parametrize("recon", [0.0, 0.5])
 def test_single_pass_step_equals_two_pass(fast_on_cpu, monkeypatch, diversity, recon):

@@ -4,14 +4,7 @@ import torch
 import cvfp.cstar as cstar
 from cvfp.errors import ArtifactError
 from cvfp.io import sha256_file
-from cvfp.model import CVFPModel, ModelArgs
-
-
-def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    args = dict(vocab_size=40, context_dim=6, embed_dim=4, hidden_dim=10, layer_structure=[1, 2])
-    args.update(overrides)
-    return CVFPModel(ModelArgs(**args))
+from helpers import tiny_model
 
 
 def test_generate_cstar_is_the_naive_sequential_scan_from_zero():
@@ -25,30 +18,6 @@ def test_generate_cstar_is_the_naive_sequential_scan_from_zero():
             naive.append(context[0])
     assert got.dtype == torch.float32 and got.shape == (50, 6)
     torch.testing.assert_close(got, torch.stack(naive), rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("mix", [1.0, 0.5])
-def test_fast_scan_equals_model_scan(mix):
-    model = tiny_model(context_dim=64, embed_dim=64, hidden_dim=128, layer_structure=[1] * 6, layernorm_mix=mix)
-    embeddings = model.embed(torch.randint(0, 40, (300,))).detach()
-    initial = torch.randn(64)
-    for start in (None, initial):
-        expected, expected_out = model.scan(embeddings, initial=start, with_token_out=True)
-        for _ in range(3):  # TorchScript re-optimises after its first calls; the numbers must not move
-            got, got_out = cstar.fast_scan(model, embeddings, initial=start, with_token_out=True)
-            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-            torch.testing.assert_close(got_out, expected_out, rtol=0, atol=1e-5)
-        torch.testing.assert_close(cstar.fast_scan(model, embeddings, initial=start), expected, rtol=0, atol=1e-5)
-
-
-def test_fast_scan_carries_the_context_across_chunks_and_without_torchscript(monkeypatch):
-    model = tiny_model()
-    embeddings = model.embed(torch.randint(0, 40, (30,))).detach()
-    expected = model.scan(embeddings)
-    monkeypatch.setattr(cstar, "SCAN_CHUNK", 7)
-    torch.testing.assert_close(cstar.fast_scan(model, embeddings), expected, rtol=0, atol=1e-5)
-    monkeypatch.setattr(cstar, "_compiled_scan", lambda: cstar._scan_states)
-    torch.testing.assert_close(cstar.fast_scan(model, embeddings), expected, rtol=0, atol=1e-5)
 
 
 @pytest.fixture

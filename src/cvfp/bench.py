@@ -6,7 +6,7 @@ data/cache/stream.safetensors when present, repeated to length; else seeded rand
 times on whatever device it finds, after warm-up, with the device synchronised around every
 timed region, the median of `--repeats`:
 
-- Phase 1: iteration 0 (`cstar.fast_scan`) and one parallel iteration (`phase1.train_step`);
+- Phase 1: iteration 0 (`scan.exact_scan`) and one parallel iteration (`phase1.train_step`);
 - C*: the exact scan, and its max abs difference from the plain scan (`model.scan`);
 - Phase 2: a training step (`phase2.train_batch`, the body of `train_phase2`'s loop) and
   evaluation (`phase2.evaluate_fixed`);
@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cvfp import cstar as cstar_mod
+from cvfp import scan as cstar_mod
 from cvfp import fast, phase1, phase2
 from cvfp.distributed import SINGLE
 from cvfp.model import CVFPModel, ModelArgs
@@ -256,10 +256,10 @@ def bench_phase1(args, device, precision, ids, report) -> torch.Tensor:
         embeddings = model.embed(ids)
     n = embeddings.shape[0]
 
-    fast_scan = lambda: cstar_mod.fast_scan(model, embeddings)  # noqa: E731
-    cstar_mod.fast_scan(model, embeddings[:4 * cstar_mod.GRAPH_TOKENS])  # warm-up
+    fast_scan = lambda: cstar_mod.exact_scan(model, embeddings)  # noqa: E731
+    cstar_mod.exact_scan(model, embeddings[:4 * cstar_mod.GRAPH_TOKENS])  # warm-up
     scan_seconds = median(timed(fast_scan, device, args.scan_repeats, warmup=0))
-    contexts = cstar_mod.fast_scan(model, embeddings)
+    contexts = cstar_mod.exact_scan(model, embeddings)
 
     diversity = phase1.DiversityLoss(params.diversity, params.ema_momentum)
     state = {"previous": contexts}
@@ -339,9 +339,9 @@ def bench_cstar(args, device, ids, report) -> None:
     synchronize(device)
     ref_per_token = (time.perf_counter() - tick) / check
 
-    cstar_mod.fast_scan(model, embeddings[:4 * cstar_mod.GRAPH_TOKENS])
-    seconds = median(timed(lambda: cstar_mod.fast_scan(model, embeddings), device, args.scan_repeats, warmup=0))
-    exact = cstar_mod.fast_scan(model, embeddings[:check])
+    cstar_mod.exact_scan(model, embeddings[:4 * cstar_mod.GRAPH_TOKENS])
+    seconds = median(timed(lambda: cstar_mod.exact_scan(model, embeddings), device, args.scan_repeats, warmup=0))
+    exact = cstar_mod.exact_scan(model, embeddings[:check])
     out = {"seconds": seconds, "tokens": n, "tokens_per_second": n / seconds,
            "microseconds_per_token": 1e6 * seconds / n,
            "max_abs_diff_vs_plain": float((exact - plain).abs().max()), "compared_tokens": check,
@@ -353,7 +353,7 @@ def bench_cstar(args, device, ids, report) -> None:
         variants = out["variants"]
         os.environ["CVFP_FAST"] = "0"
         try:  # the previous pipeline path on this device: TorchScript loop, one launch per op
-            plain_seconds = median(timed(lambda: cstar_mod.fast_scan(model, embeddings[:check]), device, 1))
+            plain_seconds = median(timed(lambda: cstar_mod.exact_scan(model, embeddings[:check]), device, 1))
             variants["torchscript_microseconds_per_token"] = 1e6 * plain_seconds / check
         finally:
             os.environ.pop("CVFP_FAST")
@@ -639,7 +639,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if cstar_contexts is None:
         with torch.no_grad():
             model = build_model(args, device)
-            cstar_contexts = cstar_mod.fast_scan(model, model.embed(ids))
+            cstar_contexts = cstar_mod.exact_scan(model, model.embed(ids))
     try:
         bench_phase2(args, device, precision, ids, cstar_contexts.float(), report)
     except Exception as err:

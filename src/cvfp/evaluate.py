@@ -9,6 +9,7 @@ convergence check and the contraction estimate of the Phase-1 and of the final m
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from cvfp.errors import ArtifactError
+from cvfp.scan import exact_scan
 from cvfp.metrics import (TOKEN_SENSITIVITY_TOLERANCE, context_health, contraction_estimate, convergence_check,
                           format_rank, format_rate, identity_check, next_token_counts,
                           next_token_metrics, singular_spectrum)
@@ -35,19 +37,8 @@ class EvaluationResult:
 
 
 def default_scan_fn(progress_desc: str | None = None) -> Callable:
-    """A scan_fn with a progress bar: cvfp.cstar.fast_scan when it exists (exact, faster), else model.scan."""
-    try:
-        from cvfp import cstar
-        fast = getattr(cstar, "fast_scan", None)
-    except ImportError:
-        fast = None
-
-    def scan_fn(model, embeddings, initial=None, with_token_out=False):
-        if fast is None:
-            return model.scan(embeddings, initial=initial, with_token_out=with_token_out, progress_desc=progress_desc)
-        return fast(model, embeddings, initial=initial, with_token_out=with_token_out, progress_desc=progress_desc)
-
-    return scan_fn
+    """The scan_fn of every evaluation: `cvfp.scan.exact_scan` (equal to model.scan) with a progress bar."""
+    return functools.partial(exact_scan, progress_desc=progress_desc)
 
 
 def context_mode_of(payload: dict[str, Any], path: str) -> str:

@@ -5,7 +5,7 @@ A prompt is rendered as a new document's user turn, the way the cache renders do
 stream but the first), so the model continues as the assistant, in the format it trained on.
 Byte-level BPE encodes any text, characters the training data never held included.
 
-CVFP reads the prompt with one exact sequential scan (`cvfp.cstar.fast_scan`) and then
+CVFP reads the prompt with one exact sequential scan (`cvfp.scan.exact_scan`) and then
 samples step by step with `model.step`, its context the only memory. The GRU carries its
 hidden state; the Transformer re-reads its last `seq_len` tokens at every step (no cache:
 the models are small). Sampling: temperature (0 = greedy), top-k (0 = off), a seeded
@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 
 from cvfp.data.corpus import BOUNDARY_TOKEN, ROLE_TOKENS
 from cvfp.data.tokenizer import load_tokenizer, special_token_ids
+from cvfp.scan import exact_scan
 
 MODELS = ("cvfp", "gru", "transformer")
 CHECKPOINTS = {"cvfp": "models/phase2.pt", "gru": "models/gru.pt", "transformer": "models/transformer.pt"}
@@ -57,10 +58,8 @@ class CVFPGenerator:
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
         """Scan the prompt from c = 0; logits (V,) for the token after it."""
-        from cvfp.cstar import fast_scan
-
         embeddings = self.model.embed(torch.tensor(ids, device=self.device))
-        contexts, token_outs = fast_scan(self.model, embeddings, with_token_out=True)
+        contexts, token_outs = exact_scan(self.model, embeddings, with_token_out=True)
         self.context = contexts[-1:]
         return self.model.logits(contexts[-1], token_outs[-1])
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from cvfp.errors import ArtifactError
 from cvfp.io import load_checkpoint, save_checkpoint
+from cvfp.runtime import progress
 
 
 @dataclass
@@ -125,8 +126,6 @@ class CVFPModel(nn.Module):
         `initial` is c_{-1} (zeros when None). With `with_token_out`, also returns the
         per-step token outputs (N, E), which the head needs for free-running prediction.
         """
-        from cvfp.runtime import progress
-
         n = embeddings.shape[0]
         context = embeddings.new_zeros(1, self.context_dim) if initial is None else initial.reshape(1, -1)
         contexts = embeddings.new_empty(n, self.context_dim)

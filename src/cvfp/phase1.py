@@ -31,12 +31,12 @@ from typing import Any, Callable
 import torch
 
 from cvfp import fast
-from cvfp.cstar import fast_scan
 from cvfp.distributed import (Shard, World, average_gradients, broadcast, broadcast_module, gather_rows, main_only,
                               previous_rank_rows, select_rows, sum_numbers)
 from cvfp.distributed import current as current_world
 from cvfp.metrics import change_sums, effective_rank, format_rank, format_rate, relative_residual, sample_indices
 from cvfp.model import CVFPModel
+from cvfp.scan import exact_scan
 
 EMA_EPS = 1e-6  # the seed's guard in 1 / (mean(var) + eps)
 
@@ -410,7 +410,7 @@ def _scan_on_rank0(model: CVFPModel, ids: torch.Tensor, part: Shard, split: str)
     device = next(model.parameters()).device
     if part.world.is_main:
         with torch.no_grad():
-            contexts = fast_scan(model, model.embed(ids.to(device)), progress_desc=f"phase1 scan {split}").float()
+            contexts = exact_scan(model, model.embed(ids.to(device)), progress_desc=f"phase1 scan {split}").float()
     else:
         contexts = torch.empty(part.n, model.context_dim, device=device)
     return broadcast(contexts.contiguous(), part.world)
