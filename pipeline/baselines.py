@@ -48,8 +48,7 @@ def body(params, run):
         curves[kind] = result.history
         timing[f"{kind}_seconds"] = result.timing["seconds"]
         timing[f"{kind}_train_tokens_per_second"] = result.timing["train_tokens_per_second"]
-        save_baseline(f"models/{kind}.pt", kind, model, tokenizer_sha256=sha256_file(TOKENIZER),
-                      params_hash=params.section_hash("seed", "model", "phase2", "baselines"))
+        save_baseline(f"models/{kind}.pt", kind, model, tokenizer_sha256=sha256_file(TOKENIZER))
 
     if not world.is_main:
         return
@@ -62,8 +61,8 @@ def body(params, run):
     timing["seconds"] = sum(timing[f"{kind}_seconds"] for kind in KINDS)
     report_timing("baselines", run, timing)
     for kind, s in summaries.items():
-        print(f"{kind}: best epoch {s['best_epoch']}/{s['epochs_run']}, val loss {s['val_loss']:.4f}, "
-              f"bpb {s['val_bpb']:.4f}, {s['train_tokens_seen']}/{budget} tokens, {timing[f'{kind}_seconds']:.1f}s")
+        print(f"{kind}: best epoch {s['best_epoch']}/{s['epochs_run']}, val loss {s['best']['val_loss']:.4f}, "
+              f"bpb {s['best']['val_bpb']:.4f}, {s['train_tokens_seen']}/{budget} tokens, {timing[f'{kind}_seconds']:.1f}s")
 
 
 def _side_by_side(curves):

@@ -6,8 +6,8 @@ from cvfp.compare import (SAMPLE_MODELS, comparison, comparison_table, samples_m
                           validation_prompts)
 from cvfp.data.carve import load_split
 from cvfp.data.corpus import BOUNDARY_TOKEN
-from cvfp.data.tokenizer import load_tokenizer, special_token_ids
-from cvfp.generate import decode, encode_prompt, generate, load_generator
+from cvfp.data.tokenizer import load_tokenizer
+from cvfp.generate import load_generator, reply
 from cvfp.io import read_json, write_json, write_text
 from cvfp.runtime import resolve_device
 from cvfp.stage import TIMING_DIR, report_timing, run_stage
@@ -25,16 +25,14 @@ def body(params, run):
 
     tick = time.perf_counter()
     tokenizer = load_tokenizer(TOKENIZER)
-    stop = (special_token_ids(tokenizer)[BOUNDARY_TOKEN],)
     settings = params.compare
     val = load_split("data/splits/val.safetensors", TOKENIZER)
     samples = validation_prompts(val, tokenizer, settings.sample_prompts)
     for kind in SAMPLE_MODELS:
         generator = load_generator(kind, device=device, tokenizer_path=TOKENIZER)
         for number, sample in enumerate(samples):  # one seed per prompt, the same for every model
-            ids = generate(generator, encode_prompt(tokenizer, sample["prompt"]), settings.max_new_tokens,
-                           settings.temperature, settings.top_k, params.seed + number, stop)
-            sample[kind] = decode(tokenizer, ids)
+            sample[kind] = reply(generator, tokenizer, sample["prompt"], settings.max_new_tokens,
+                                 settings.temperature, settings.top_k, params.seed + number)
     described = (f"Up to {settings.max_new_tokens} new tokens, temperature {settings.temperature}, top-k "
                  f"{settings.top_k}, seed {params.seed} + prompt index (0, 1, ...), the same for every model, "
                  f"stopping at {BOUNDARY_TOKEN}.")

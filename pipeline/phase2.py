@@ -46,7 +46,7 @@ def body(params, run):
 
     summary = result.summary
     save_model("models/phase2.pt", model, phase1_sha256=sha256_file(PHASE1), tokenizer_sha256=sha256_file(TOKENIZER),
-               params_hash=params.section_hash("seed", "phase2"), best_epoch=summary["best_epoch"],
+               best_epoch=summary["best_epoch"],
                context_mode=params.phase2.context_mode)
     write_json("metrics/phase2.json", summary)
     write_csv("metrics/phase2_epochs.csv", without_timing(result.history))
@@ -57,8 +57,9 @@ def body(params, run):
     remove(RESUME)
 
     if summary["best_epoch"]:
-        print(f"best epoch {summary['best_epoch']}/{summary['epochs_run']}: val loss {summary['val_loss']:.4f}, "
-              f"acc {format_rate(summary['val_correct'], summary['val_predicted'])}, bpb {summary['val_bpb']:.4f}")
+        best = summary["best"]
+        print(f"best epoch {summary['best_epoch']}/{summary['epochs_run']}: val loss {best['val_loss']:.4f}, "
+              f"acc {format_rate(best['val_correct'], best['val_predictions'])}, bpb {best['val_bpb']:.4f}")
     else:
         print(f"no epoch of {summary['epochs_run']} reached a finite validation loss; the initial weights are kept")
     print(f"skipped steps {summary['skipped_steps']}, {summary['trainable_parameters']} trainable parameters, "

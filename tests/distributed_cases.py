@@ -50,9 +50,9 @@ def phase1_gradient(world: World, diversity: str, batch_tokens: int, recon: bool
         params = Phase1Params(batch_tokens=batch_tokens, recon_weight=0.5 if recon else 0.0)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
         for _ in range(2):
-            contexts, values, skipped = phase1.train_step(
-                model, optimizer, embeddings[part.lo:part.hi], previous[part.lo:part.hi], loss, params,
-                previous[part.lo - 1])
+            contexts, values, skipped = phase1.jacobi_step(
+                model, embeddings[part.lo:part.hi], previous[part.lo:part.hi], loss, params, previous[part.lo - 1],
+                optimizer)
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         return {"grads": grads, "values": values, "skipped": skipped, "contexts": gather_rows(contexts, STREAM, world)}
     finally:

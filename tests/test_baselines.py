@@ -4,7 +4,7 @@ import torch
 import cvfp.baselines as baselines
 from cvfp.model import CVFPModel, ModelArgs
 from cvfp.params import BaselinesParams, ModelParams, Params, Phase2Params
-from cvfp.phase2 import set_trainable
+from cvfp.model import trainable_parameters
 
 VOCAB = 12
 
@@ -41,13 +41,13 @@ SECOND_SIZE = (ModelParams(context_dim=32, embed_dim=48, hidden_dim=80, layer_st
 def test_parameters_match_cvfp_phase2_within_ten_percent(model_params, phase2_params, vocab, kind):
     target = baselines.cvfp_trainable_parameters(model_params, phase2_params, vocab)
     real = CVFPModel(ModelArgs.from_params(model_params, vocab))
-    assert target == sum(p.numel() for p in set_trainable(real, phase2_params.freeze_context,
+    assert target == sum(p.numel() for p in real.set_trainable(phase2_params.freeze_context,
                                                           phase2_params.freeze_embedding))
     params = Params().baselines
     width, count = baselines.match_width(kind, target, vocab, params)
     assert abs(count - target) <= 0.10 * target
     built = baselines.build(kind, baselines.baseline_args(kind, width, vocab, params))
-    assert baselines.trainable_parameters(built) == count  # the meta-device count is the real one
+    assert trainable_parameters(built) == count  # the meta-device count is the real one
     for other in (width - (params.transformer.heads if kind == "transformer" else 1),):
         if other > 0:  # the chosen width is the closest
             assert abs(baselines.count_for(kind, other, vocab, params) - target) >= abs(count - target)
@@ -79,11 +79,11 @@ def test_windows_predict_every_position_once():
 def test_gru_validation_carries_its_state_over_the_whole_stream():
     model = tiny_model("gru").eval()
     ids = periodic(50)
-    counts = baselines.next_token_counts(model, ids, seq_len=8, batch_size=4)
+    counts = baselines.validation_counts(model, ids, seq_len=8, batch_size=4)
     with torch.no_grad():
         logits, _ = model(ids[None, :-1])  # one pass over the stream
         nats = float(torch.nn.functional.cross_entropy(logits[0], ids[1:], reduction="sum"))
-    assert counts["tokens"] == 49
+    assert counts["predictions"] == 49
     assert counts["total_nats"] == pytest.approx(nats, rel=1e-5)
 
 
@@ -102,15 +102,15 @@ def test_transformer_is_causal():
 def test_loss_decreases_on_a_tiny_corpus(kind):
     model = tiny_model(kind, width=16)
     train, val = periodic(400, seed=1), periodic(120, seed=2)
-    before = baselines.next_token_counts(model, val, 8, 4)
+    before = baselines.validation_counts(model, val, 8, 4)
     params = tiny_params(patience=5)
     result = baselines.train_baseline(model, train, val, val_bytes=200, params=params, lr=0.01,
                                       budget_tokens=3 * 399, seed=0, name=kind, log=lambda _: None)
     losses = [row["train_loss"] for row in result.history]
     assert len(losses) == 3 and losses[-1] < losses[0]
-    assert result.summary["val_loss"] < before["total_nats"] / before["tokens"] - 0.3
+    assert result.summary["best"]["val_loss"] < before["total_nats"] / before["predictions"] - 0.3
     assert result.summary["train_tokens_seen"] == 3 * 399
-    assert result.summary["tokens"] == 119  # every validation position predicted once
+    assert result.summary["best"]["predictions"] == 119  # every validation position predicted once
 
 
 def test_budget_is_exact_and_best_weights_are_kept():
@@ -121,8 +121,8 @@ def test_budget_is_exact_and_best_weights_are_kept():
     assert [row["train_tokens_seen"] for row in result.history] == [99, 150]  # a part-epoch at the end
     best = min(result.history, key=lambda row: row["val_loss"])
     assert result.summary["best_epoch"] == best["epoch"]
-    again = baselines.next_token_counts(model, val, 8, 4)
-    assert again["total_nats"] / again["tokens"] == pytest.approx(best["val_loss"], rel=1e-6)
+    again = baselines.validation_counts(model, val, 8, 4)
+    assert again["total_nats"] / again["predictions"] == pytest.approx(best["val_loss"], rel=1e-6)
 
 
 def test_early_stopping_on_validation_loss():

@@ -15,11 +15,9 @@ from cvfp.data.cache import TokenStream, load_stream, save_stream
 from cvfp.data.carve import carve, cut_document, load_split, save_splits
 from cvfp.data.corpus import SPECIAL_TOKENS
 from cvfp.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from cvfp.errors import ArtifactError
+from cvfp.errors import ArtifactError, ParamsError, StageError
 from cvfp.io import sha256_file
-from cvfp.errors import ParamsError
 from cvfp.params import validate
-from cvfp.errors import StageError
 from conftest import write_params
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,25 +1,29 @@
+"""CVFP against the baselines: one table from the same counts, training seconds, validation prompts, samples."""
+
 import json
 import math
 
 import pytest
 import torch
 from conftest import toy_documents
+from helpers import tiny_model
 
 import cvfp.baselines as baselines
 import cvfp.compare as compare
 from cvfp.cli import report
 from cvfp.data.cache import encode_documents
 from cvfp.data.tokenizer import train_tokenizer
-from cvfp.metrics import evaluate_free, next_token_metrics
-from cvfp.model import CVFPModel, ModelArgs
-from cvfp.params import Params
 from cvfp.errors import StageError
+from cvfp.evaluate import evaluate_free
+from cvfp.metrics import next_token_metrics
+from cvfp.params import Params
+from cvfp.scan import exact_scan
 
 VAL_BYTES = 1000
 
 
 def counts(nats, correct, tokens=99):
-    return {"total_nats": nats, "tokens": tokens, "correct": correct}
+    return {"total_nats": nats, "predictions": tokens, "correct": correct}
 
 
 def inputs(**changes):
@@ -27,7 +31,7 @@ def inputs(**changes):
                   "free": next_token_metrics(counts(420.0, 18), VAL_BYTES)}
     phase1 = {"iterations": 10, "train": {"tokens": 500}}
     phase2 = {"trainable_parameters": 1000, "train_tokens_seen": 4990}
-    base = {kind: {**next_token_metrics(counts(380.0 + i, 25), VAL_BYTES), "trainable_parameters": 1040 + i,
+    base = {kind: {"best": next_token_metrics(counts(380.0 + i, 25), VAL_BYTES), "trainable_parameters": 1040 + i,
                    "train_tokens_seen": 4990} for i, kind in enumerate(baselines.KINDS)}
     base["val_bytes"] = VAL_BYTES
     tree = {"evaluation": evaluation, "phase1": phase1, "phase2": phase2, "baselines": base}
@@ -52,7 +56,7 @@ def test_other_validation_data_is_refused():
     with pytest.raises(StageError, match="validation bytes"):
         compare.comparison(**tree)
     tree = inputs()
-    tree["baselines"]["gru"]["tokens"] = 98
+    tree["baselines"]["gru"]["best"]["predictions"] = 98
     with pytest.raises(StageError, match="different numbers of positions"):
         compare.comparison(**tree)
 
@@ -60,19 +64,18 @@ def test_other_validation_data_is_refused():
 def test_bits_per_byte_is_one_function_for_every_model():
     """Uniform predictions give every model the same nats, hence the same bits per byte: (N-1) ln V / (ln 2 bytes)."""
     vocab, ids = 16, torch.randint(0, 16, (41,), generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    cvfp = CVFPModel(ModelArgs(vocab_size=vocab, context_dim=4, embed_dim=4, hidden_dim=8, layer_structure=[1]))
+    cvfp = tiny_model(0, vocab_size=vocab, context_dim=4, embed_dim=4, layer_structure=[1])
     cvfp.zero_head_()
-    found = {"cvfp": evaluate_free(cvfp, ids)}
+    found = {"cvfp": evaluate_free(cvfp, ids, exact_scan, 4096)}
     for kind in baselines.KINDS:
         params = Params().baselines.model_copy(update={"seq_len": 8})
         model = baselines.build(kind, baselines.baseline_args(kind, 8, vocab, params))
         torch.nn.init.zeros_(model.head.weight)
         torch.nn.init.zeros_(model.head.bias)
-        found[kind] = baselines.next_token_counts(model, ids, 8, 3)
+        found[kind] = baselines.validation_counts(model, ids, 8, 3)
     expected = 40 * math.log(vocab) / (math.log(2) * VAL_BYTES)
     for name, found_counts in found.items():
-        assert found_counts["tokens"] == 40, name
+        assert found_counts["predictions"] == 40, name
         assert next_token_metrics(found_counts, VAL_BYTES)["val_bpb"] == pytest.approx(expected, rel=1e-6), name
     # the table recomputes every row's numbers from its counts with that one function
     tree = inputs()

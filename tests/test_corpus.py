@@ -5,13 +5,13 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from datasets import Dataset
 
 from cvfp.data import corpus
 from cvfp.data.corpus import (BOUNDARY_TOKEN, document_bytes, load_corpus, read_documents, render,
                               select_documents, take_documents, write_documents)
-from cvfp.errors import ArtifactError
+from cvfp.errors import ArtifactError, StageError
 from cvfp.params import DataParams
-from cvfp.errors import StageError
 
 CHITCHAT_CONVERSATIONS = 7168
 
@@ -116,8 +116,6 @@ def test_documents_without_content_are_skipped_and_counted(tmp_path):
 
 
 def test_seeded_order_is_a_fixed_permutation():
-    from datasets import Dataset
-
     dataset = Dataset.from_list([{"messages": conversation(n)} for n in range(40)])
     first = [d["messages"][0]["content"] for d in take_documents(dataset, 40, seed=3).documents]
     assert first != [f"question {n}" for n in range(40)]
@@ -126,8 +124,6 @@ def test_seeded_order_is_a_fixed_permutation():
 
 
 def test_unknown_role_is_refused():
-    from datasets import Dataset
-
     dataset = Dataset.from_list([{"messages": [{"role": "narrator", "content": "x"}]}])
     with pytest.raises(StageError, match="role 'narrator'"):
         take_documents(dataset, 1, seed=0)

@@ -7,9 +7,9 @@ import torch
 import cvfp.evaluate as evaluate
 from cvfp.errors import ArtifactError
 from cvfp.io import write_csv
-from cvfp.metrics import evaluate_free
 from cvfp.model import CVFPModel, ModelArgs
 from cvfp.params import EvaluateParams
+from cvfp.scan import exact_scan
 from cvfp.plots import evaluation_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -45,11 +45,11 @@ def test_evaluate_all_reports_every_key(setup):
     for mode in ("fixed", "free", "gap"):
         assert set(evaluate.NEXT_TOKEN_KEYS) <= set(m[mode])
     for mode in ("fixed", "free"):
-        assert m[mode]["tokens"] == 24
+        assert m[mode]["predictions"] == 24
         assert m[mode]["val_bpb"] == pytest.approx(m[mode]["total_nats"] / (math.log(2) * 123))
         assert m[mode]["val_ppl"] == pytest.approx(math.exp(m[mode]["val_loss"]))
     assert m["gap"]["val_loss"] == pytest.approx(m["free"]["val_loss"] - m["fixed"]["val_loss"])
-    assert m["free"]["total_nats"] == pytest.approx(evaluate_free(final, val_ids)["total_nats"])
+    assert m["free"]["total_nats"] == pytest.approx(evaluate.evaluate_free(final, val_ids, exact_scan, 4)["total_nats"])
     for split in ("train", "val"):
         assert m["effective_rank"][split] == m["context_health"][split]["effective_rank"]
         assert m["effective_rank_ratio"][split] == pytest.approx(m["effective_rank"][split] / 6)

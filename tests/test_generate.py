@@ -1,14 +1,17 @@
+"""Sampling from CVFP and the baselines: seeded, stop tokens, the sequential scan, the command line."""
+
 import pytest
 import torch
 from conftest import toy_documents
+from helpers import tiny_model
 
 import cvfp.baselines as baselines
 import cvfp.generate as gen
 from cvfp.cli import main as cli_main
-from cvfp.data.corpus import BOUNDARY_TOKEN, ROLE_TOKENS
-from cvfp.data.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
+from cvfp.data.corpus import BOUNDARY_TOKEN
+from cvfp.data.tokenizer import decode, encode_prompt, save_tokenizer, special_token_ids, train_tokenizer
 from cvfp.io import sha256_file
-from cvfp.model import CVFPModel, ModelArgs, save_model
+from cvfp.model import save_model
 from cvfp.params import Params
 
 UNSEEN = "日本語のテキスト Ω ∑ \U0001F680 ünïcödé"
@@ -20,9 +23,8 @@ def tokenizer():
 
 
 def cvfp_model(vocab, seed=0):
-    torch.manual_seed(seed)
-    model = CVFPModel(ModelArgs(vocab_size=vocab, context_dim=6, embed_dim=4, hidden_dim=10, layer_structure=[1, 1]))
-    torch.nn.init.normal_(model.token_output.weight, 0.0, 0.5)
+    model = tiny_model(seed, vocab_size=vocab, layer_structure=[1, 1])
+    torch.nn.init.normal_(model.token_output.weight, 0.0, 0.5)  # sharper logits than the default init
     return model.eval()
 
 
@@ -82,19 +84,26 @@ def test_cvfp_generation_is_the_sequential_scan():
     torch.testing.assert_close(step_logits, scanned, rtol=1e-5, atol=1e-5)
 
 
-def test_prompt_is_a_user_turn_and_unseen_characters_still_encode(tokenizer):
-    special = special_token_ids(tokenizer)
-    ids = gen.encode_prompt(tokenizer, UNSEEN)
-    assert ids[:2] == [special[BOUNDARY_TOKEN], special[ROLE_TOKENS["user"]]]
-    assert ids[-1] == special[ROLE_TOKENS["assistant"]]
-    assert gen.decode(tokenizer, ids[2:-1]) == UNSEEN  # byte-level BPE: no unknown token, exact round trip
-    assert all(0 <= i < tokenizer.get_vocab_size() for i in ids)
-    literal = gen.encode_prompt(tokenizer, "<|user|>")
-    assert literal.count(special[ROLE_TOKENS["user"]]) == 1  # typed text never becomes a special token
+def test_every_model_continues_a_prompt_of_unseen_characters(tokenizer):
+    ids = encode_prompt(tokenizer, UNSEEN)  # the encoding itself: tests/test_tokenizer.py
     for kind, generator in generators(tokenizer.get_vocab_size()).items():
         new = gen.generate(generator, ids, max_new_tokens=5, temperature=0.8, top_k=10, seed=0)
         assert len(new) == 5, kind
-        assert isinstance(gen.decode(tokenizer, new), str)
+        assert isinstance(decode(tokenizer, new), str)
+
+
+def test_reply_is_the_decoded_continuation_of_the_prompt_turn(tokenizer):
+    """`reply` (the command line's and the compare stage's) = decode(generate(encode_prompt(text))), stopping at
+    <|endoftext|> unless told otherwise."""
+    def fresh():
+        return gen.CVFPGenerator(cvfp_model(tokenizer.get_vocab_size()))
+
+    prompt = encode_prompt(tokenizer, "hello there")
+    stopped = gen.generate(fresh(), prompt, 20, 1.0, 0, 5, (special_token_ids(tokenizer)[BOUNDARY_TOKEN],))
+    assert gen.reply(fresh(), tokenizer, "hello there", 20, 1.0, 0, 5) == decode(tokenizer, stopped)
+    free = gen.generate(fresh(), prompt, 20, 1.0, 0, 5)
+    unstopped = gen.reply(fresh(), tokenizer, "hello there", 20, 1.0, 0, 5, stop_at_boundary=False)
+    assert unstopped == decode(tokenizer, free)
 
 
 @pytest.fixture

@@ -4,10 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cvfp.evaluate as evaluate
 import cvfp.metrics as metrics
+from cvfp.metrics import change_sums
 from cvfp.model import CVFPModel, ModelArgs
 from cvfp.params import EvaluateParams, Phase1Params
 from cvfp.phase1 import train_phase1
+from cvfp.scan import exact_scan
 
 
 def tiny_model(seed=0, **overrides):
@@ -47,7 +50,7 @@ class LinearStep(torch.nn.Module):
 def test_bits_per_byte_is_total_nats_over_ln2_bytes():
     logits, targets = torch.randn(7, 5), torch.randint(0, 5, (7,))
     nats = float(F.cross_entropy(logits, targets, reduction="sum"))
-    counts = {"total_nats": nats, "tokens": 7, "correct": int((logits.argmax(-1) == targets).sum())}
+    counts = {"total_nats": nats, "predictions": 7, "correct": int((logits.argmax(-1) == targets).sum())}
     result = metrics.next_token_metrics(counts, num_bytes=29)
     assert result["val_bpb"] == pytest.approx(nats / (math.log(2) * 29))
     assert metrics.bits_per_byte(nats, 29) == pytest.approx(nats / math.log(2) / 29)
@@ -57,13 +60,13 @@ def test_bits_per_byte_is_total_nats_over_ln2_bytes():
 
 
 def test_perplexity_overflow_is_inf_not_an_error():
-    assert metrics.next_token_metrics({"total_nats": 1e6, "tokens": 1, "correct": 0}, 1)["val_ppl"] == math.inf
+    assert metrics.next_token_metrics({"total_nats": 1e6, "predictions": 1, "correct": 0}, 1)["val_ppl"] == math.inf
 
 
 def test_evaluate_free_equals_a_per_token_loop():
     model = tiny_model()
     ids = torch.randint(0, 40, (23,))
-    got = metrics.evaluate_free(model, ids, batch_size=5)  # batches not dividing N-1 = 22
+    got = evaluate.evaluate_free(model, ids, exact_scan, batch_size=5)  # batches not dividing N-1 = 22
     with torch.no_grad():
         context, nats, correct = torch.zeros(8), 0.0, 0
         for t in range(len(ids) - 1):
@@ -71,7 +74,7 @@ def test_evaluate_free_equals_a_per_token_loop():
             logits = model.logits(context, token_out)
             nats += float(F.cross_entropy(logits[None], ids[t + 1][None]))
             correct += int(logits.argmax() == ids[t + 1])
-    assert got["tokens"] == len(ids) - 1
+    assert got["predictions"] == len(ids) - 1
     assert got["correct"] == correct
     assert got["total_nats"] == pytest.approx(nats, rel=1e-5)
 
@@ -83,7 +86,7 @@ def test_evaluate_free_uses_the_given_scan_from_zero():
         calls.append((initial, with_token_out))
         return model.scan(embeddings, initial=initial, with_token_out=with_token_out)
 
-    metrics.evaluate_free(model, torch.randint(0, 40, (9,)), recording_scan)
+    evaluate.evaluate_free(model, torch.randint(0, 40, (9,)), recording_scan, 4)
     assert calls == [(None, True)]
 
 
@@ -179,12 +182,12 @@ def test_convergence_check_carries_the_last_context_over():
     assert result["verdict"] == metrics.convergence_verdict(expected, thresholds.slope_threshold, thresholds.std_threshold)
 
 
-def test_convergence_check_default_scan_is_model_scan():
+def test_convergence_check_with_the_stages_scan_is_model_scan():
     model = tiny_model()
     embeddings = model.embed(torch.randint(0, 40, (10,))).detach()
     first = model.scan(embeddings)
     second = model.scan(embeddings, initial=first[-1])
-    result = metrics.convergence_check(model, embeddings, 3, None, EvaluateParams())
+    result = metrics.convergence_check(model, embeddings, 3, exact_scan, EvaluateParams())
     assert result["trial_mse"][0] == pytest.approx(float((second - first).pow(2).mean()))
 
 
@@ -226,3 +229,10 @@ def test_contraction_estimate_uses_the_model_jacobian_at_the_previous_context():
     radius = float(torch.linalg.eigvals(jacobian).abs().max())
     result = metrics.contraction_estimate(model, contexts, embeddings, samples=4, iterations=200, seed=0)
     assert result["mean"] == pytest.approx(radius, rel=0.03)
+
+
+def test_convergence_counts_tokens_under_threshold():
+    previous = torch.zeros(5, 2)
+    contexts = torch.tensor([[0.0, 0.0], [0.1, 0.1], [0.2, 0.0], [1.0, 1.0], [0.0, 0.3]])
+    # mean squared change per token: 0, 0.01, 0.02, 1.0, 0.045
+    assert change_sums(contexts, previous, threshold=0.03)["converged"] == 3  # the count Phase 1 reports

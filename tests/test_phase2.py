@@ -6,17 +6,14 @@ import torch
 
 import cvfp.phase2 as phase2
 from cvfp.cstar import generate_cstar
-from cvfp.model import CVFPModel, ModelArgs
 from cvfp.params import Phase2Params
+from helpers import tiny_model as make_model
 
 VOCAB, CONTEXT, EMBED = 12, 6, 4
 
 
 def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    args = dict(vocab_size=VOCAB, context_dim=CONTEXT, embed_dim=EMBED, hidden_dim=CONTEXT + EMBED, layer_structure=[1, 2])
-    args.update(overrides)
-    return CVFPModel(ModelArgs(**args))
+    return make_model(seed, **{"vocab_size": VOCAB, "context_dim": CONTEXT, "embed_dim": EMBED, **overrides})
 
 
 def params(**overrides):
@@ -40,7 +37,9 @@ def quiet(_):
 def test_position_zero_gets_a_zero_input_context():
     model = tiny_model()
     ids, cstar = stream(10), torch.randn(10, CONTEXT)
-    logits, context_out = phase2.fixed_forward(model, ids, cstar, torch.tensor([0, 3]), "stability")
+    positions = torch.tensor([0, 3])
+    logits, context_out = phase2.forward(model, ids[positions], phase2.input_contexts(cstar, positions), cstar[positions],
+                                         "stability")
     with torch.no_grad():
         zero_start = model.step(torch.zeros(1, CONTEXT), model.embed(ids[:1]))
         from_cstar = model.step(cstar[2:3], model.embed(ids[3:4]))
@@ -53,11 +52,11 @@ def test_position_zero_gets_a_zero_input_context():
 @pytest.mark.parametrize("context_mode", ["stability", "replace"])
 def test_loss_equals_a_hand_computation(context_mode):
     model = tiny_model()
-    phase2.init_head_(model, seed=3)
+    model.init_head_(seed=3)
     ids, cstar = stream(12), torch.randn(12, CONTEXT)
     positions = torch.tensor([0, 4, 7, 10])
     weight = 0.7
-    got = phase2.batch_losses(model, ids, cstar, positions, context_mode, weight)
+    got = phase2.phase2_losses(model, ids, cstar, positions, context_mode, weight)
 
     ces, mses = [], []
     with torch.no_grad():
@@ -75,8 +74,8 @@ def test_loss_equals_a_hand_computation(context_mode):
     torch.testing.assert_close(got["loss"].detach(), expected)
 
     whole = phase2.evaluate_fixed(model, ids, cstar, batch_size=5, context_mode=context_mode)
-    every = phase2.batch_losses(model, ids, cstar, torch.arange(11), context_mode, weight)
-    assert whole["tokens"] == 11
+    every = phase2.phase2_losses(model, ids, cstar, torch.arange(11), context_mode, weight)
+    assert whole["predictions"] == 11
     assert whole["total_nats"] == pytest.approx(float(every["ce"].detach()) * 11, rel=1e-5)
     assert whole["correct"] == int(every["correct"])
 
@@ -92,7 +91,7 @@ def test_freezing_freezes_exactly_what_it_says(freeze_context, freeze_embedding)
     cstar = generate_cstar(model, ids, "cpu")
     before = _snapshot(model)
     initial_head = copy.deepcopy(model)
-    phase2.init_head_(initial_head, seed=0)
+    initial_head.init_head_(seed=0)
     before.update({name: p.detach().clone() for name, p in initial_head.named_parameters() if name.startswith("token_output")})
 
     result = phase2.train_phase2(model, ids, cstar, ids[:20], cstar[:20], 100, params(epochs=1, freeze_context=freeze_context,
@@ -118,14 +117,14 @@ def test_early_stopping_restores_the_best_epoch(monkeypatch):
     def fake_evaluate(model, ids, cstar, batch_size, context_mode, precision="fp32", world=None):
         states.append(copy.deepcopy(model.state_dict()))  # the weights this epoch ended with
         tokens = ids.shape[0] - 1
-        return {"total_nats": next(val_losses) * tokens, "tokens": tokens, "correct": 0, "stability_mse": 0.0}
+        return {"total_nats": next(val_losses) * tokens, "predictions": tokens, "correct": 0, "stability_mse": 0.0}
 
     monkeypatch.setattr(phase2, "evaluate_fixed", fake_evaluate)
     result = phase2.train_phase2(model, ids, cstar, ids, cstar, 100, params(epochs=10, patience=3, lr=0.05), seed=0,
                                  log=quiet)
     summary = result.summary
     assert (summary["best_epoch"], summary["epochs_run"], summary["stopped_early"]) == (2, 5, True)
-    assert summary["val_loss"] == pytest.approx(2.0)
+    assert summary["best"]["val_loss"] == pytest.approx(2.0)
     assert [row["epoch"] for row in result.history] == [1, 2, 3, 4, 5]
     final = model.state_dict()
     assert all(torch.equal(final[k], states[1][k]) for k in final)
@@ -143,7 +142,7 @@ def test_a_non_finite_loss_skips_the_step_and_is_counted():
     assert result.summary["train_tokens_seen"] == 0
     assert result.history[0]["train_loss"] is None
     reference = tiny_model()
-    phase2.init_head_(reference, seed=0)
+    reference.init_head_(seed=0)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
 
 

@@ -95,7 +95,7 @@ def test_repro_writes_every_metric(project):
     assert list(compare["models"]) == ["cvfp_fixed", "cvfp_free", "gru", "transformer"]
     for name, row in compare["models"].items():
         assert {"val_loss", "val_ppl", "val_acc", "val_bpb", "trainable_parameters", "train_tokens_seen"} <= row.keys()
-        assert row["tokens"] == data["val_tokens"] - 1, name
+        assert row["predictions"] == data["val_tokens"] - 1, name
     for kind in ("gru", "transformer"):
         assert abs(compare["parameter_ratio"][kind] - 1) <= 0.10
         assert (root / "models" / f"{kind}.pt").is_file()
@@ -126,7 +126,7 @@ def test_one_parent_run_with_a_child_per_stage(project):
     phase1 = next(r for r in children if r.data.tags["cvfp.stage"] == "phase1")
     assert phase1.data.params["phase1.dist_reg_weight"] == "0.9"
     assert phase1.data.params["model.layer_structure"] == "[1, 1]"
-    curve = client.get_metric_history(phase1.info.run_id, "train_effective_rank")
+    curve = client.get_metric_history(phase1.info.run_id, "train.effective_rank")
     assert len(curve) == read(root, "phase1.json")["iterations"]
     compare = next(r for r in children if r.data.tags["cvfp.stage"] == "compare")
     for name in ("cvfp_fixed", "cvfp_free", "gru", "transformer"):

@@ -5,9 +5,9 @@ import re
 import pytest
 from tokenizers import pre_tokenizers
 
-from cvfp.data.corpus import SPECIAL_TOKENS, message_contents
-from cvfp.data.tokenizer import (MAX_TRAINING_WORD_CHARS, PRE_TOKENIZER_WHITESPACE, bounded_texts, load_tokenizer,
-                                 save_tokenizer, special_token_ids, train_tokenizer)
+from cvfp.data.corpus import BOUNDARY_TOKEN, ROLE_TOKENS, SPECIAL_TOKENS, message_contents
+from cvfp.data.tokenizer import (MAX_TRAINING_WORD_CHARS, PRE_TOKENIZER_WHITESPACE, bounded_texts, decode,
+                                 encode_prompt, load_tokenizer, save_tokenizer, special_token_ids, train_tokenizer)
 from cvfp.errors import ArtifactError
 
 from conftest import UNICODE_SAMPLES
@@ -16,6 +16,7 @@ VOCAB = 300
 MIN_FREQUENCY = 2
 RARE = 10_000
 BYTE_ALPHABET = 256
+UNSEEN = "日本語のテキスト Ω ∑ \U0001F680 ünïcödé"
 
 
 def test_training_twice_gives_byte_identical_files(tmp_path, documents):
@@ -53,6 +54,19 @@ def test_missing_or_broken_tokenizer_file(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="tokenizer.json: unreadable"):
         load_tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_prompt_is_a_user_turn_and_unseen_characters_still_encode(documents):
+    tokenizer = train_tokenizer(documents, VOCAB, MIN_FREQUENCY)
+    special = special_token_ids(tokenizer)
+    ids = encode_prompt(tokenizer, UNSEEN)
+    assert ids[:2] == [special[BOUNDARY_TOKEN], special[ROLE_TOKENS["user"]]]
+    assert ids[-1] == special[ROLE_TOKENS["assistant"]]
+    assert decode(tokenizer, ids[2:-1]) == UNSEEN  # byte-level BPE: no unknown token, exact round trip
+    assert all(0 <= i < tokenizer.get_vocab_size() for i in ids)
+    literal = encode_prompt(tokenizer, "<|user|>")
+    assert literal.count(special[ROLE_TOKENS["user"]]) == 1  # typed text never becomes a special token
+    assert tokenizer.encode_special_tokens is False  # the caller's tokenizer is left as it was
 
 
 # ---- the safety bound on training words -------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,12 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cvfp.distributed import (SINGLE, Shard, World, backward_and_step, broadcast_module, main_only,
-                              sampler_batches)
+from cvfp.distributed import SINGLE, Shard, World, backward_and_step, broadcast_module, main_only, sampler_batches
 from cvfp.distributed import current as current_world
 from cvfp.errors import ArtifactError
 from cvfp.io import load_checkpoint, save_checkpoint
-from cvfp.metrics import format_rate, next_token_metrics
+from cvfp.loop import EarlyStopping, LoopResult, NonFiniteGuard
+from cvfp.metrics import finite_or_none, format_number, format_rate, next_token_metrics
+from cvfp.model import ModelArgs, phase2_trainable_parameters, trainable_parameters
+from cvfp.runtime import progress
 
 KINDS = ("gru", "transformer")
 PARAM_TOLERANCE = 0.10  # the issue's matching rule: |baseline - CVFP| <= 10% of CVFP's trainable parameters
@@ -113,18 +115,10 @@ def build(kind: str, args) -> nn.Module:
     return {"gru": GRULanguageModel, "transformer": TransformerLanguageModel}[kind](args)
 
 
-def trainable_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def cvfp_trainable_parameters(model_params, phase2_params, vocab_size: int) -> int:
     """What Phase 2 trains: a CVFPModel from params.model, frozen as phase2.freeze_* say (no weights made)."""
-    from cvfp.model import CVFPModel, ModelArgs
-    from cvfp.phase2 import set_trainable
-
-    with torch.device("meta"):
-        model = CVFPModel(ModelArgs.from_params(model_params, vocab_size))
-    return sum(p.numel() for p in set_trainable(model, phase2_params.freeze_context, phase2_params.freeze_embedding))
+    return phase2_trainable_parameters(ModelArgs.from_params(model_params, vocab_size), phase2_params.freeze_context,
+                                       phase2_params.freeze_embedding)
 
 
 def baseline_args(kind: str, width: int, vocab_size: int, params):
@@ -188,7 +182,7 @@ def windows(ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def next_token_counts(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int) -> dict[str, Any]:
+def validation_counts(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int) -> dict[str, Any]:
     """Validation counts over the N-1 predicted positions of ids (N,): dict(total_nats, tokens, correct).
 
     The GRU runs the windows in order with its state carried (one pass over the stream);
@@ -210,25 +204,19 @@ def next_token_counts(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_s
         tokens += int(valid.sum())
         correct += int(((logits.argmax(dim=-1) == y) & valid).sum())
     model.train(was_training)
-    return {"total_nats": total_nats, "tokens": tokens, "correct": correct}
-
-
-@dataclass
-class BaselineResult:
-    history: list[dict[str, Any]] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
-    timing: dict[str, Any] = field(default_factory=dict)  # wall-clock figures, kept apart so reruns compare equal
+    return {"total_nats": total_nats, "predictions": tokens, "correct": correct}
 
 
 def train_baseline(model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Tensor, val_bytes: int, params,
                    lr: float, budget_tokens: int, seed: int, name: str,
-                   log: Callable[[str], None] = print, world: World | None = None) -> BaselineResult:
+                   log: Callable[[str], None] = print, world: World | None = None) -> LoopResult:
     """Train a baseline for at most `budget_tokens` predicted positions, early-stopping on val loss.
 
     train_ids (N,), val_ids (M,); `params` is the `baselines` section (seq_len, batch_size,
-    patience, grad_clip). An epoch is one shuffled pass over the train windows (N-1 positions);
-    the last epoch stops mid-way when the budget runs out (targets past it are masked).
-    On return the model holds the weights of the epoch with the lowest validation loss.
+    patience, grad_clip, max_nonfinite_steps). An epoch is one shuffled pass over the train
+    windows (N-1 positions); the last epoch stops mid-way when the budget runs out (targets
+    past it are masked). On return the model holds the weights of the epoch with the lowest
+    validation loss.
 
     Under torchrun (`world`, default: the initialised process group) each global batch of
     windows (DistributedSampler's seeded order) is split between the ranks, every window
@@ -236,8 +224,6 @@ def train_baseline(model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Ten
     global target count, gradients are averaged. Validation runs whole on every rank (the GRU
     reads the stream in order), so every rank sees the same numbers.
     """
-    from cvfp.runtime import progress
-
     world = world or current_world()
     log = main_only(log, world)
     broadcast_module(model, world)
@@ -249,18 +235,20 @@ def train_baseline(model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Ten
         raise ValueError(f"nothing to train: {per_epoch} training positions, a budget of {budget_tokens} tokens")
     epochs = math.ceil(budget_tokens / per_epoch)
 
-    result = BaselineResult()
-    best_loss, best_epoch, tokens_seen, skipped_steps, stopped_early = math.inf, 0, 0, 0, False
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    result = LoopResult()
+    guard = NonFiniteGuard("baselines", params.max_nonfinite_steps)
+    stopper = EarlyStopping(model, params.patience, "baselines.patience")
+    tokens_seen = 0
     started = time.perf_counter()
     model.train()
     for epoch in range(1, epochs + 1):
         tick = time.perf_counter()
         total, seen = 0.0, 0
+        num_batches = math.ceil(inputs.shape[0] / params.batch_size)
         batches = sampler_batches(inputs.shape[0], params.batch_size, seed, epoch, SINGLE)  # global batches
-        bar = progress(batches, total=math.ceil(inputs.shape[0] / params.batch_size),
-                       desc=f"{name} epoch {epoch}/{epochs}", unit="batch", disable=not world.is_main)
-        for batch, _ in bar:
+        bar = progress(batches, total=num_batches, desc=f"{name} epoch {epoch}/{epochs}", unit="batch",
+                       disable=not world.is_main)
+        for index, (batch, _) in enumerate(bar, start=1):
             remaining = budget_tokens - tokens_seen - seen
             if remaining <= 0:
                 break
@@ -279,62 +267,47 @@ def train_baseline(model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Ten
             else:
                 local = torch.zeros((), device=device, requires_grad=True)
             loss = Shard(count, world).sum(local) / count
-            if not torch.isfinite(loss):
-                skipped_steps += 1
-                continue
-            if not backward_and_step(loss, optimizer, list(model.parameters()), params.grad_clip, world):
-                skipped_steps += 1
+            stepped = bool(torch.isfinite(loss)) and backward_and_step(loss, optimizer, list(model.parameters()),
+                                                                        params.grad_clip, world)
+            if not guard.record(stepped, f"{name} epoch {epoch}, batch {index}/{num_batches}", bar):
                 continue
             total += float(loss.detach()) * count
             seen += count
         bar.close()
         tokens_seen += seen
 
-        val = next_token_metrics(next_token_counts(model, val_ids, params.seq_len, params.batch_size), val_bytes)
+        val = next_token_metrics(validation_counts(model, val_ids, params.seq_len, params.batch_size), val_bytes)
         row = {"epoch": epoch, "train_loss": total / seen if seen else None, "train_tokens_seen": tokens_seen,
-               **{k: _finite(v) for k, v in val.items()}, "skipped_steps": skipped_steps,
+               **{k: finite_or_none(v) for k, v in val.items()}, "skipped_steps": guard.skipped,
                "seconds": time.perf_counter() - tick}
         result.history.append(row)
-        improved = val["val_loss"] < best_loss  # False for NaN: a diverged epoch is never the best
-        if improved:
-            best_loss, best_epoch = val["val_loss"], epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        log(f"{name} epoch {epoch}/{epochs}: train loss {_number(row['train_loss'])} | val loss "
-            f"{_number(row['val_loss'])}, ppl {_number(row['val_ppl'], 2)}, "
-            f"acc {format_rate(row['correct'], row['tokens'])}, "
-            f"bpb {_number(row['val_bpb'])}, {tokens_seen}/{budget_tokens} tokens ({row['seconds']:.1f}s)"
+        improved = stopper.update(epoch, val["val_loss"], model)
+        log(f"{name} epoch {epoch}/{epochs}: train loss {format_number(row['train_loss'])} | val loss "
+            f"{format_number(row['val_loss'])}, ppl {format_number(row['val_ppl'], '.2f')}, "
+            f"acc {format_rate(row['correct'], row['predictions'])}, "
+            f"bpb {format_number(row['val_bpb'])}, {tokens_seen}/{budget_tokens} tokens ({row['seconds']:.1f}s)"
             + (" *best" if improved else ""))
-        if tokens_seen >= budget_tokens:
-            break
-        if epoch - best_epoch >= params.patience:
-            stopped_early = True
-            log(f"{name}: early stop, validation loss has not improved for {params.patience} epochs "
-                f"(baselines.patience); keeping epoch {best_epoch}")
+        last_epoch = epoch if tokens_seen >= budget_tokens else epochs  # the budget ends the loop too
+        if stopper.should_stop(epoch, last_epoch):
+            log(f"{name}: {stopper.stop_line()}")
+        if tokens_seen >= budget_tokens or stopper.stopped_early:
             break
 
-    model.load_state_dict(best_state)
+    stopper.restore(model)
     model.eval()
-    best_row = result.history[best_epoch - 1] if best_epoch else {}
+    best_row = result.history[stopper.best_epoch - 1] if stopper.best_epoch else {}
     result.summary = {
         "trainable_parameters": trainable_parameters(model), "width": model.args.width,
-        "num_layers": model.args.num_layers, "best_epoch": best_epoch, "epochs_run": len(result.history),
-        "stopped_early": stopped_early, "skipped_steps": skipped_steps, "budget_tokens": budget_tokens,
+        "num_layers": model.args.num_layers, "best_epoch": stopper.best_epoch, "epochs_run": len(result.history),
+        "stopped_early": stopper.stopped_early, "skipped_steps": guard.skipped, "budget_tokens": budget_tokens,
         "train_tokens_seen": tokens_seen, "train_tokens": int(train_ids.numel()), "val_tokens": int(val_ids.numel()),
-        **{key: best_row.get(key) for key in ("train_loss", "val_loss", "val_ppl", "val_acc", "val_bpb", "total_nats",
-                                              "tokens", "correct")},
+        "best": {key: best_row.get(key) for key in ("train_loss", "val_loss", "val_ppl", "val_acc", "val_bpb",
+                                                     "total_nats", "predictions", "correct")},  # the best epoch's row
     }
     seconds = time.perf_counter() - started
     result.timing = {"seconds": seconds, "train_tokens_per_second": tokens_seen / seconds,
                      "seconds_per_epoch": [row["seconds"] for row in result.history]}
     return result
-
-
-def _finite(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def _number(value: float | None, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def save_baseline(path: str | Path, kind: str, model: nn.Module, **extra: Any) -> None:

@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 from cvfp import generate
+from cvfp.compare import comparison_table, training_seconds
+from cvfp.evaluate import results_table
 from cvfp.metrics import format_rank, format_rate
+from cvfp.params import load_params
 
 
 def _load(folder: Path, name: str) -> dict | None:
@@ -19,9 +22,6 @@ def _load(folder: Path, name: str) -> dict | None:
 
 def report(folder: Path, params_file: Path) -> int:
     """Print data, Phase 1, C*, Phase 2 and evaluation results; exit 1 if the pipeline has not run."""
-    from cvfp.evaluate import results_table
-    from cvfp.params import load_params
-
     data = _load(folder, "data.json")
     if data is None:
         print(f"no results in {folder}/: run `dvc repro` first", file=sys.stderr)
@@ -44,17 +44,16 @@ def report(folder: Path, params_file: Path) -> int:
             print(f"C* {split}: Effective Rank {format_rank(cstar[split]['effective_rank'], cstar['context_dim'])}")
     phase2 = _load(folder, "phase2.json")
     if phase2:
+        best = phase2["best"]
         print(f"phase2 ({phase2['context_mode']}): best epoch {phase2['best_epoch']}/{phase2['epochs_run']}, "
-              f"val loss {phase2['val_loss']:.4f}, val ppl {phase2['val_ppl']:.2f}, "
-              f"val accuracy {format_rate(phase2['val_correct'], phase2['val_predicted'])}, val bpb {phase2['val_bpb']:.4f}")
+              f"val loss {best['val_loss']:.4f}, val ppl {best['val_ppl']:.2f}, "
+              f"val accuracy {format_rate(best['val_correct'], best['val_predictions'])}, val bpb {best['val_bpb']:.4f}")
     evaluation = _load(folder, "eval.json")
     if evaluation:
         print()
         print(results_table(evaluation, load_params(params_file).evaluate))
     compare = _load(folder, "compare.json")
     if compare:
-        from cvfp.compare import comparison_table, training_seconds
-
         print("\nCVFP against the baselines (metrics/compare.json; samples: metrics/samples.md)")
         print(comparison_table(compare, training_seconds(folder / "timing")))
     timing_dir = folder / "timing"

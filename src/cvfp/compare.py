@@ -13,18 +13,22 @@ to metrics/compare.json, which must be identical when the same params run twice.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from cvfp.baselines import KINDS, PARAM_TOLERANCE
-from cvfp.metrics import next_token_metrics
+from cvfp.data.cache import TokenStream
+from cvfp.data.corpus import ROLE_TOKENS
+from cvfp.data.tokenizer import decode, special_token_ids
 from cvfp.errors import StageError
+from cvfp.metrics import finite_or_none, format_number, next_token_metrics
 
 ROWS = ("cvfp_fixed", "cvfp_free", *KINDS)
 LABELS = {"cvfp_fixed": "CVFP fixed (contexts = C*)", "cvfp_free": "CVFP free-running", "gru": "GRU",
           "transformer": "Transformer"}
-COUNTS = ("total_nats", "tokens", "correct")
+COUNTS = ("total_nats", "predictions", "correct")
 SAMPLE_MODELS = ("cvfp", *KINDS)
 
 
@@ -39,22 +43,22 @@ def comparison(evaluation: dict[str, Any], phase1: dict[str, Any], phase2: dict[
         raise StageError(f"metrics/baselines.json has {baselines['val_bytes']} validation bytes, metrics/eval.json "
                            f"{val_bytes}: rerun the stale stage (dvc repro)")
     sources = {f"cvfp_{mode}": evaluation[mode] for mode in ("fixed", "free")}
-    sources.update({kind: baselines[kind] for kind in KINDS})
-    positions = {name: source["tokens"] for name, source in sources.items()}
+    sources.update({kind: baselines[kind]["best"] for kind in KINDS})
+    positions = {name: source["predictions"] for name, source in sources.items()}
     if len(set(positions.values())) != 1:
         raise StageError(f"the models were validated on different numbers of positions {positions}: rerun the "
                            f"stale stage (dvc repro)")
     models = {}
     for name, source in sources.items():
         is_cvfp = name.startswith("cvfp")
-        trained = phase2 if is_cvfp else source
+        trained = phase2 if is_cvfp else baselines[name]
         models[name] = {**next_token_metrics({key: source[key] for key in COUNTS}, val_bytes),
                         "trainable_parameters": trained["trainable_parameters"],
                         "train_tokens_seen": trained["train_tokens_seen"]}
     target = phase2["trainable_parameters"]
     return {
-        "models": {name: {key: _finite(value) for key, value in row.items()} for name, row in models.items()},
-        "val_bytes": val_bytes, "val_predicted": next(iter(positions.values())),
+        "models": {name: {key: finite_or_none(value) for key, value in row.items()} for name, row in models.items()},
+        "val_bytes": val_bytes, "val_predictions": next(iter(positions.values())),
         "parameter_ratio": {kind: models[kind]["trainable_parameters"] / target for kind in KINDS},
         "phase1_iterations": phase1["iterations"], "phase1_train_tokens": phase1["train"]["tokens"],
         "best_val_bpb": min((row["val_bpb"], name) for name, row in models.items())[1],
@@ -83,16 +87,17 @@ def comparison_table(compare: dict[str, Any], seconds: dict[str, float | None]) 
     rows = []
     for name in ROWS:
         m = compare["models"][name]
-        rows.append((LABELS[name], _f(m["val_loss"]), _f(m["val_ppl"], ".2f"),
-                     f"{100 * m['correct'] / m['tokens']:.1f}% ({m['correct']}/{m['tokens']})", _f(m["val_bpb"]),
-                     str(m["trainable_parameters"]), str(m["train_tokens_seen"]), _f(seconds.get(name), ".1f")))
+        rows.append((LABELS[name], format_number(m["val_loss"]), format_number(m["val_ppl"], ".2f"),
+                     f"{100 * m['correct'] / m['predictions']:.1f}% ({m['correct']}/{m['predictions']})",
+                     format_number(m["val_bpb"]), str(m["trainable_parameters"]), str(m["train_tokens_seen"]),
+                     format_number(seconds.get(name), ".1f")))
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in (header, *rows)]
     lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
     ratios = ", ".join(f"{LABELS[kind]} {ratio - 1:+.1%}" for kind, ratio in compare["parameter_ratio"].items())
     lines += [
         "",
-        f"- validation: the same {compare['val_predicted']} next-token predictions for every model; bits per byte = "
+        f"- validation: the same {compare['val_predictions']} next-token predictions for every model; bits per byte = "
         f"total nats / (ln 2 x {compare['val_bytes']} UTF-8 bytes), one function for all "
         f"(cvfp.metrics.next_token_metrics). Lowest bits per byte: {LABELS[compare['best_val_bpb']]}.",
         f"- trainable params: CVFP's = what Phase 2 trains; the baselines are matched within "
@@ -108,22 +113,10 @@ def comparison_table(compare: dict[str, Any], seconds: dict[str, float | None]) 
     return "\n".join(lines)
 
 
-def _f(value: float | None, spec: str = ".4f") -> str:
-    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
-
-
-def _finite(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def validation_prompts(val, tokenizer, count: int) -> list[dict[str, str]]:
+def validation_prompts(val: TokenStream, tokenizer: Tokenizer, count: int) -> list[dict[str, str]]:
     """`count` fixed prompts: the first user turn of validation documents, with the turn that answered it
-    (`reference`). `val` is a TokenStream. The documents are evenly spaced over those whose first user
-    turn has a reply (over those with a user turn, if none has)."""
-    from cvfp.data.corpus import ROLE_TOKENS
-    from cvfp.data.tokenizer import special_token_ids
-    from cvfp.generate import decode
-
+    (`reference`). The documents are evenly spaced over those whose first user turn has a reply (over
+    those with a user turn, if none has)."""
     special = special_token_ids(tokenizer)
     user, special_set = special[ROLE_TOKENS["user"]], set(special.values())
     found = []

@@ -30,8 +30,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.data.distributed import DistributedSampler
 
-LAUNCHED_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every process it starts
+from cvfp.runtime import launched
+
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,6 @@ def current() -> World:
 def main_only(log, world: World):
     """`log` on rank 0; a function that prints nothing on the other ranks (one copy of each line)."""
     return log if world.is_main else (lambda line: None)
-
-
-def launched() -> bool:
-    """Whether this process was started by torchrun."""
-    return LAUNCHED_ENV in os.environ and "WORLD_SIZE" in os.environ
 
 
 def relaunch(nproc: int, argv: list[str] | None = None) -> int:
@@ -145,14 +142,15 @@ def all_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return _AllSum.apply(tensor) if world.active else tensor
 
 
-def sum_numbers(values: list[float] | list[int], world: World, dtype=torch.float64) -> list:
-    """Plain numbers summed over ranks (counts, sums for logging), in one collective."""
+def sum_numbers(values: dict[str, float] | list[float], world: World, dtype=torch.float64) -> dict[str, float] | list:
+    """Plain named numbers (counts, sums for logging) summed over ranks, in one collective; the same keys back."""
     if not world.active:
-        return list(values)
+        return dict(values) if isinstance(values, dict) else list(values)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    tensor = torch.tensor(values, dtype=dtype, device=device)
+    numbers = list(values.values()) if isinstance(values, dict) else list(values)
+    tensor = torch.tensor(numbers, dtype=dtype, device=device)
     dist.all_reduce(tensor)
-    return tensor.tolist()
+    return dict(zip(values, tensor.tolist())) if isinstance(values, dict) else tensor.tolist()
 
 
 def average_gradients(parameters: list[torch.nn.Parameter], world: World) -> None:
@@ -257,8 +255,6 @@ def sampler_batches(n: int, batch_size: int, seed: int, epoch: int, world: World
     with batch_size divisible by the world size N a global batch is the same set of items at
     any N: the union of the ranks' local batches of batch_size / N.
     """
-    from torch.utils.data.distributed import DistributedSampler
-
     if batch_size % world.size:
         raise ValueError(f"batch size {batch_size} is not divisible by {world.size} processes")
     sampler = DistributedSampler(range(n), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed)

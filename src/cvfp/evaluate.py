@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from cvfp.errors import ArtifactError
 from cvfp.scan import exact_scan
 from cvfp.metrics import (TOKEN_SENSITIVITY_TOLERANCE, context_health, contraction_estimate, convergence_check,
-                          format_rank, format_rate, identity_check, next_token_counts,
-                          next_token_metrics, singular_spectrum)
+                          format_number, format_rank, format_rate, identity_check, next_token_metrics,
+                          singular_spectrum)
+from cvfp.model import CVFPModel
+from cvfp.phase2 import evaluate_fixed
 
 NEXT_TOKEN_KEYS = ("val_loss", "val_ppl", "val_acc", "val_bpb")
 MODEL_LABELS = {"": "final", "_phase1": "phase1"}  # metrics-key suffix -> name in the table
@@ -39,6 +42,37 @@ class EvaluationResult:
 def default_scan_fn(progress_desc: str | None = None) -> Callable:
     """The scan_fn of every evaluation: `cvfp.scan.exact_scan` (equal to model.scan) with a progress bar."""
     return functools.partial(exact_scan, progress_desc=progress_desc)
+
+
+@torch.no_grad()
+def head_counts(model: CVFPModel, contexts: torch.Tensor, token_outs: torch.Tensor, ids: torch.Tensor,
+                batch_size: int) -> dict[str, Any]:
+    """Head on step outputs: logits_t = head(contexts[t], token_outs[t]) predicts ids[t+1].
+
+    contexts (N, C), token_outs (N, E), ids (N,). Sums over the N-1 predicted positions:
+    dict(total_nats (summed cross-entropy), predictions (N-1), correct (top-1 hits)).
+    """
+    targets = ids[1:].to(contexts.device)
+    contexts, token_outs = contexts[:-1], token_outs[:-1]  # the last position has nothing to predict
+    total_nats, correct = 0.0, 0
+    for start in range(0, targets.shape[0], batch_size):
+        stop = start + batch_size
+        logits = model.logits(contexts[start:stop], token_outs[start:stop]).float()
+        total_nats += float(F.cross_entropy(logits, targets[start:stop], reduction="sum").double())
+        correct += int((logits.argmax(dim=-1) == targets[start:stop]).sum())
+    return {"total_nats": total_nats, "predictions": int(targets.shape[0]), "correct": correct}
+
+
+@torch.no_grad()
+def evaluate_free(model: CVFPModel, ids: torch.Tensor, scan_fn: Callable, batch_size: int) -> dict[str, Any]:
+    """Free-running next-token evaluation: one sequential scan from c = 0 over ids (N,).
+
+    The contexts are the model's own (never C*), as the model would be used. Returns
+    dict(total_nats, predictions, correct) over the N-1 predicted positions.
+    """
+    ids = ids.to(next(model.parameters()).device)
+    contexts, token_outs = scan_fn(model, model.embed(ids), with_token_out=True)
+    return head_counts(model, contexts, token_outs, ids, batch_size)
 
 
 def context_mode_of(payload: dict[str, Any], path: str) -> str:
@@ -78,8 +112,6 @@ def evaluate_all(final_model, phase1_model, context_mode: str, val_ids: torch.Te
     model's own trajectory: val C* for the Phase-1 model, the free-running contexts for the
     final model.
     """
-    from cvfp.phase2 import evaluate_fixed
-
     def scan_for(desc: str) -> Callable:
         return scan_fn or default_scan_fn(desc)
 
@@ -100,7 +132,7 @@ def evaluate_all(final_model, phase1_model, context_mode: str, val_ids: torch.Te
     free_scan = scan_for("free-running scan")
     free_contexts, token_outs = _timed(log, timing, "free_scan", "free-running scan",
                                        lambda: free_scan(final_model, embeddings[""], with_token_out=True))
-    free = next_token_counts(final_model, free_contexts, token_outs, val_ids, params.batch_size)
+    free = head_counts(final_model, free_contexts, token_outs, val_ids, params.batch_size)
     metrics["fixed"] = next_token_metrics(fixed, val_bytes)
     if "stability_mse" in fixed:  # how far one step from C*[t-1] lands from C*[t]
         metrics["fixed"]["stability_mse"] = fixed["stability_mse"]
@@ -141,11 +173,6 @@ def json_ready(tree: Any) -> Any:
     return tree
 
 
-def _f(value: float | None, spec: str = ".4f") -> str:
-    """A number for the table; `n/a` for a value JSON could not hold (non-finite, stored as None)."""
-    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
-
-
 def _verdict(ok: bool) -> str:
     return "PASSED" if ok else "FAILED"
 
@@ -162,37 +189,37 @@ def results_table(metrics: dict[str, Any], params) -> str:
     rows: list[tuple[str, str, str, str]] = []
     fixed, free, gap = metrics["fixed"], metrics["free"], metrics["gap"]
     for mode, m in (("fixed", fixed), ("free", free)):
-        rows.append((f"val loss, {mode} (nats/token)", _f(m["val_loss"]), "", ""))
-    rows.append(("val loss gap (free - fixed)", _f(gap["val_loss"], "+.4f"), "", ""))
+        rows.append((f"val loss, {mode} (nats/token)", format_number(m["val_loss"]), "", ""))
+    rows.append(("val loss gap (free - fixed)", format_number(gap["val_loss"], "+.4f"), "", ""))
     for mode, m in (("fixed", fixed), ("free", free)):
-        rows.append((f"val perplexity, {mode}", _f(m["val_ppl"], ".2f"), "", ""))
-    rows.append(("val perplexity gap (free - fixed)", _f(gap["val_ppl"], "+.2f"), "", ""))
+        rows.append((f"val perplexity, {mode}", format_number(m["val_ppl"], ".2f"), "", ""))
+    rows.append(("val perplexity gap (free - fixed)", format_number(gap["val_ppl"], "+.2f"), "", ""))
     for mode, m in (("fixed", fixed), ("free", free)):
-        rows.append((f"val accuracy, {mode}", format_rate(m["correct"], m["tokens"]), "", ""))
-    rows.append(("val accuracy gap (free - fixed)", f"{_f(100 * gap['val_acc'], '+.1f')} points", "", ""))
+        rows.append((f"val accuracy, {mode}", format_rate(m["correct"], m["predictions"]), "", ""))
+    rows.append(("val accuracy gap (free - fixed)", f"{format_number(100 * gap['val_acc'], '+.1f')} points", "", ""))
     for mode, m in (("fixed", fixed), ("free", free)):
-        rows.append((f"val bits per byte, {mode}", f"{_f(m['val_bpb'])} ({_f(m['total_nats'], '.1f')} nats / "
+        rows.append((f"val bits per byte, {mode}", f"{format_number(m['val_bpb'])} ({format_number(m['total_nats'], '.1f')} nats / "
                      f"ln2 / {metrics['val_bytes']} bytes)", "", ""))
-    rows.append(("val bits per byte gap (free - fixed)", _f(gap["val_bpb"], "+.4f"), "", ""))
+    rows.append(("val bits per byte gap (free - fixed)", format_number(gap["val_bpb"], "+.4f"), "", ""))
 
     for split, h in metrics["context_health"].items():
         rows.append((f"Effective Rank, {split} C*", format_rank(h["effective_rank"], h["dim"]), "", ""))
         rows.append((f"global attractor, {split} C*",
-                     f"cosine {_f(h['mean_pairwise_cosine'])}, distance {_f(h['mean_pairwise_distance'])}",
+                     f"cosine {format_number(h['mean_pairwise_cosine'])}, distance {format_number(h['mean_pairwise_distance'])}",
                      f"cos > {params.attractor_cosine} and dist < {params.attractor_distance}",
                      "DETECTED" if h["global_attractor"] else "none"))
-        rows.append((f"zero solution, {split} C*", f"mean norm {_f(h['mean_norm'])}", f"norm < {params.zero_norm}",
+        rows.append((f"zero solution, {split} C*", f"mean norm {format_number(h['mean_norm'])}", f"norm < {params.zero_norm}",
                      "DETECTED" if h["zero_solution"] else "none"))
 
     ident = metrics["identity"]
     pairs = f"({ident['samples']} pairs)"
-    rows.append(("identity: mean context norm", _f(ident['mean_context_norm']), f"> {params.zero_norm}",
+    rows.append(("identity: mean context norm", format_number(ident['mean_context_norm']), f"> {params.zero_norm}",
                  _verdict(_beyond(ident["mean_context_norm"], params.zero_norm, True))))
     for label, key in (("data", "mean_step_cosine"), ("random", "mean_step_cosine_random")):
-        rows.append((f"identity: step cosine, {label}", f"{_f(ident[key])} {pairs}", f"< {params.identity_threshold}",
+        rows.append((f"identity: step cosine, {label}", f"{format_number(ident[key])} {pairs}", f"< {params.identity_threshold}",
                      _verdict(_beyond(ident[key], params.identity_threshold, False))))
     sensitive = _beyond(ident["token_sensitivity"], TOKEN_SENSITIVITY_TOLERANCE, True)
-    rows.append(("identity: token sensitivity", f"{_f(ident['token_sensitivity'])} {pairs}",
+    rows.append(("identity: token sensitivity", f"{format_number(ident['token_sensitivity'])} {pairs}",
                  f"> {TOKEN_SENSITIVITY_TOLERANCE}", _verdict(sensitive)))
     rows.append(("identity-mapping check", "", "all of the above", _verdict(ident["passed"])))
 
@@ -200,14 +227,14 @@ def results_table(metrics: dict[str, Any], params) -> str:
         check = metrics[f"convergence_check{suffix}"]
         trials = check["num_trials"]
         rows.append((f"convergence {label}: final diff",
-                     f"{_f(check['final_diff'], '.3e')} (trial {trials}/{trials} vs {trials - 1})",
+                     f"{format_number(check['final_diff'], '.3e')} (trial {trials}/{trials} vs {trials - 1})",
                      f"< {params.final_diff_threshold}", _verdict(check["passed"])))
         rows.append((f"convergence {label}: slope, std",
-                     f"{_f(check['slope'], '.3e')}, {_f(check['std'], '.3e')} ({len(check['trial_mse'])} MSEs)",
+                     f"{format_number(check['slope'], '.3e')}, {format_number(check['std'], '.3e')} ({len(check['trial_mse'])} MSEs)",
                      f"|slope| {params.slope_threshold}, std {params.std_threshold}", check["verdict"]))
     for suffix, label in MODEL_LABELS.items():
         c = metrics[f"contraction{suffix}"]
-        rows.append((f"contraction {label}: spectral radius", f"mean {_f(c['mean'])}, max {_f(c['max'])}",
+        rows.append((f"contraction {label}: spectral radius", f"mean {format_number(c['mean'])}, max {format_number(c['max'])}",
                      "radius > 1", f"{format_rate(c['above_one'], c['samples'])} above 1"))
 
     header = ("quantity", "value", "criterion", "result")

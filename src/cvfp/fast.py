@@ -6,6 +6,9 @@ cost is kernel launches and the parallel passes are memory-bound between GEMMs, 
 around the GEMMs) and falls back to the plain function if compilation fails; `replayable`
 captures a fixed sequence of kernels once in a CUDA graph and replays it.
 `CVFP_FAST=0` turns the fast paths off; `CVFP_FAST=1` turns them on for any device (tests).
+
+Which variant of a fast path runs is a `FastOptions` value passed in by the caller (the
+stages use the defaults; benchmarks pass others to compare them), never a module global.
 """
 
 from __future__ import annotations
@@ -14,12 +17,29 @@ import functools
 import os
 import warnings
 import weakref
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-COMPILE_BACKEND = "inductor"  # tests on the CPU use "aot_eager": same graph capture, no C++ build
-COMPILE_MODE: str | None = None  # inductor's mode; cvfp.bench tries "max-autotune-no-cudagraphs"
+COMPILE_BACKEND = "inductor"  # a test hook: tests on the CPU set "aot_eager" (same graph capture, no C++ build)
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """Which variant of each fast path runs where the fast paths apply (defaults: the stages' choice).
+
+    bf16_stream: with bf16 precision, keep the step's residual stream in bf16 (`bf16_stream_step`);
+    fused_step: Phase 1's fused Adam with the skip decided on the device, and compiled losses;
+    compile_mode: inductor's mode (None: its default; benchmarks try "max-autotune-no-cudagraphs").
+    """
+
+    bf16_stream: bool = True
+    fused_step: bool = True
+    compile_mode: str | None = None
+
+
+DEFAULT = FastOptions()
 
 _compiled: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Callable]]" = weakref.WeakKeyDictionary()
 
@@ -35,10 +55,10 @@ def enabled(device: torch.device | str) -> bool:
 class _Guarded:
     """A compiled function that falls back, once and for good, to the plain one if compiling fails."""
 
-    def __init__(self, fn: Callable, name: str):
+    def __init__(self, fn: Callable, name: str, mode: str | None):
         self.fn = fn
         self.name = name
-        mode = COMPILE_MODE if COMPILE_BACKEND == "inductor" else None
+        mode = mode if COMPILE_BACKEND == "inductor" else None
         self.compiled = torch.compile(fn, backend=COMPILE_BACKEND, mode=mode, dynamic=False)
         self.failed = False
 
@@ -54,15 +74,15 @@ class _Guarded:
         return self.fn(*args, **kwargs)
 
 
-def compiled(model: torch.nn.Module, name: str, fn: Callable) -> Callable:
-    """`fn` compiled once per (model, name) when the fast paths apply to the model's device, else `fn`."""
+def compiled(model: torch.nn.Module, name: str, fn: Callable, options: FastOptions = DEFAULT) -> Callable:
+    """`fn` compiled once per (model, name, compile mode) when the fast paths apply to the model's device, else `fn`."""
     device = next(model.parameters()).device
     if not enabled(device):
         return fn
     table = _compiled.setdefault(model, {})
-    key = (name, COMPILE_MODE)
+    key = (name, options.compile_mode)
     if key not in table:
-        table[key] = _Guarded(fn, name)
+        table[key] = _Guarded(fn, name, options.compile_mode)
     return table[key]
 
 
@@ -82,18 +102,15 @@ def bf16_stream_step(model, context: torch.Tensor, token: torch.Tensor) -> tuple
     return context, token
 
 
-BF16_STREAM = True  # cvfp.bench turns it off to measure the autocast-only compiled step
-FUSED_STEP = True  # cvfp.bench turns it off to measure the previous step (foreach Adam, eager losses)
-
-
-def adam(parameters: list[torch.nn.Parameter], lr: float, device: torch.device | str) -> torch.optim.Adam:
+def adam(parameters: list[torch.nn.Parameter], lr: float, device: torch.device | str,
+         options: FastOptions = DEFAULT) -> torch.optim.Adam:
     """Adam; where the fast paths apply, the fused kernel (one launch for every parameter).
 
     The fused kernel also takes a device-side `found_inf` flag and then leaves parameters and
     moments untouched, so a step can be skipped on a non-finite loss without the host first
-    reading the loss back (`phase1._single_pass_step`). Same update as the plain Adam.
+    reading the loss back (Phase 1's single-pass update). Same update as the plain Adam.
     """
-    return torch.optim.Adam(parameters, lr=lr, fused=bool(enabled(device) and FUSED_STEP))
+    return torch.optim.Adam(parameters, lr=lr, fused=bool(enabled(device) and options.fused_step))
 
 
 def skip_on_device(optimizer: torch.optim.Optimizer) -> bool:
@@ -101,13 +118,18 @@ def skip_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return bool(optimizer.defaults.get("fused"))
 
 
-def step_function(model, precision: str = "fp32") -> Callable:
+def step_function(model, precision: str = "fp32", options: FastOptions = DEFAULT) -> Callable:
     """model.step, compiled on CUDA (bf16: `bf16_stream_step`): (..., C), (..., E) -> ((..., C), (..., E))."""
     if not enabled(next(model.parameters()).device):
         return model.step
-    if precision == "bf16" and BF16_STREAM:
-        return compiled(model, "step_bf16_stream", functools.partial(bf16_stream_step, model))
-    return compiled(model, "step", model.step)
+    if precision == "bf16" and options.bf16_stream:
+        return compiled(model, "step_bf16_stream", functools.partial(bf16_stream_step, model), options)
+    return compiled(model, "step", model.step, options)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on `device` when `precision` is bf16, else a no-op context (the one autocast rule)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def replayable(run: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:

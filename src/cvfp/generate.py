@@ -1,8 +1,9 @@
 """Text generation from the final CVFP model or a baseline: `cvfp generate` / `python -m cvfp.generate`.
 
-A prompt is rendered as a new document's user turn, the way the cache renders documents:
-`<|endoftext|> <|user|> text <|assistant|>` (the boundary token precedes every document of the
-stream but the first), so the model continues as the assistant, in the format it trained on.
+A prompt is encoded as a new document's user turn, the way the cache lays out documents
+(`cvfp.data.tokenizer.encode_prompt`): `<|endoftext|> <|user|> text <|assistant|>` (the boundary
+token precedes every document of the stream but the first), so the model continues as the
+assistant, in the format it trained on; `reply` is prompt text in, continuation text out.
 Byte-level BPE encodes any text, characters the training data never held included.
 
 CVFP reads the prompt with one exact sequential scan (`cvfp.scan.exact_scan`) and then
@@ -23,29 +24,18 @@ from typing import Iterable
 import torch
 from tokenizers import Tokenizer
 
-from cvfp.data.corpus import BOUNDARY_TOKEN, ROLE_TOKENS
-from cvfp.data.tokenizer import load_tokenizer, special_token_ids
+from cvfp.baselines import load_baseline
+from cvfp.data.corpus import BOUNDARY_TOKEN
+from cvfp.data.tokenizer import decode, encode_prompt, load_tokenizer, special_token_ids
+from cvfp.errors import ArtifactError
+from cvfp.io import require_fresh, sha256_file
+from cvfp.model import load_model
+from cvfp.runtime import resolve_device
 from cvfp.scan import exact_scan
 
 MODELS = ("cvfp", "gru", "transformer")
 CHECKPOINTS = {"cvfp": "models/phase2.pt", "gru": "models/gru.pt", "transformer": "models/transformer.pt"}
 TOKENIZER = "data/tokenizer/tokenizer.json"
-
-
-def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
-    """`<|endoftext|> <|user|> text <|assistant|>` as ids; text that looks like a special token stays text."""
-    special = special_token_ids(tokenizer)
-    literal_before, tokenizer.encode_special_tokens = tokenizer.encode_special_tokens, True
-    try:
-        content = tokenizer.encode(text, add_special_tokens=False).ids
-    finally:
-        tokenizer.encode_special_tokens = literal_before
-    return [special[BOUNDARY_TOKEN], special[ROLE_TOKENS["user"]], *content, special[ROLE_TOKENS["assistant"]]]
-
-
-def decode(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
-    """Text of ids with the special tokens shown (turns and document ends stay visible)."""
-    return tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
 class CVFPGenerator:
@@ -79,23 +69,21 @@ class BaselineGenerator:
         self.state = None
         self.history: list[int] = []
 
-    def _window(self) -> torch.Tensor:
-        return torch.tensor([self.history[-self.model.args.seq_len:]], device=self.device)  # (1, T)
-
     def prefill(self, ids: list[int]) -> torch.Tensor:
-        self.history = list(ids)
-        if self.model.carries_state:
-            logits, self.state = self.model(torch.tensor([ids], device=self.device))
-        else:
-            logits, _ = self.model(self._window())
-        return logits[0, -1]
+        self.history, self.state = list(ids), None
+        return self._read(ids)
 
     def advance(self, token_id: int) -> torch.Tensor:
         self.history.append(token_id)
+        return self._read([token_id])
+
+    def _read(self, new_ids: list[int]) -> torch.Tensor:
+        """Logits (V,) after the history: the GRU reads the new ids on from its state, the Transformer
+        re-reads its last seq_len tokens."""
         if self.model.carries_state:
-            logits, self.state = self.model(torch.tensor([[token_id]], device=self.device), self.state)
+            logits, self.state = self.model(torch.tensor([new_ids], device=self.device), self.state)
         else:
-            logits, _ = self.model(self._window())
+            logits, _ = self.model(torch.tensor([self.history[-self.model.args.seq_len:]], device=self.device))
         return logits[0, -1]
 
 
@@ -131,16 +119,21 @@ def generate(generator, prompt_ids: list[int], max_new_tokens: int, temperature:
     return new
 
 
+def reply(generator, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
+          stop_at_boundary: bool = True) -> str:
+    """The continuation of `prompt`, encoded as a user turn (`encode_prompt`), decoded as text (`decode`);
+    it stops after the next <|endoftext|> unless `stop_at_boundary` is False."""
+    stop = (special_token_ids(tokenizer)[BOUNDARY_TOKEN],) if stop_at_boundary else ()
+    ids = generate(generator, encode_prompt(tokenizer, prompt), max_new_tokens, temperature, top_k, seed, stop)
+    return decode(tokenizer, ids)
+
+
 def load_generator(kind: str, checkpoint: str | Path | None = None, device: torch.device | str = "cpu",
                    tokenizer_path: str | Path | None = None):
     """The generator of a trained model: `cvfp` (final Phase-2 model), `gru` or `transformer`.
 
     With `tokenizer_path`, a checkpoint built with another tokenizer is refused (stale).
     """
-    from cvfp.baselines import load_baseline
-    from cvfp.io import require_fresh, sha256_file
-    from cvfp.model import load_model
-
     if kind not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {kind!r}")
     path = checkpoint or CHECKPOINTS[kind]
@@ -168,9 +161,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the continuation of --prompt; a missing or stale artifact is a one-line error (exit 2)."""
-    from cvfp.errors import ArtifactError
-    from cvfp.runtime import resolve_device
-
     if args.max_new_tokens < 1 or args.top_k < 0 or args.temperature < 0:
         print("error: --max-new-tokens must be >= 1, --top-k >= 0 and --temperature >= 0", file=sys.stderr)
         return 2
@@ -180,10 +170,8 @@ def run(args: argparse.Namespace) -> int:
     except (ArtifactError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    stop = () if args.no_stop else (special_token_ids(tokenizer)[BOUNDARY_TOKEN],)
-    ids = generate(model, encode_prompt(tokenizer, args.prompt), args.max_new_tokens, args.temperature, args.top_k,
-                   args.seed, stop)
-    print(decode(tokenizer, ids))
+    print(reply(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                stop_at_boundary=not args.no_stop))
     return 0
 
 

@@ -18,6 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
 from cvfp.errors import ArtifactError
 
 
@@ -94,8 +98,6 @@ def read_json(path: str | Path, stage: str) -> Any:
 
 
 def tensor_digest(tensors: dict[str, Any]) -> str:
-    import torch
-
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].contiguous()
@@ -108,8 +110,6 @@ def tensor_digest(tensors: dict[str, Any]) -> str:
 
 def save_tensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
     """Save CPU tensors with safetensors, atomically, recording their sha256 in the metadata."""
-    from safetensors.torch import save
-
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     meta = dict(metadata or {})
     meta["sha256"] = tensor_digest(tensors)
@@ -129,8 +129,6 @@ def _canonical_safetensors(blob: bytes) -> bytes:
 
 def load_tensors(path: str | Path, stage: str) -> tuple[dict[str, Any], dict[str, str]]:
     """Load a file written by `save_tensors`; a truncated or bit-flipped file is an ArtifactError."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; run the '{stage}' stage (dvc repro {stage})")
@@ -147,8 +145,6 @@ def load_tensors(path: str | Path, stage: str) -> tuple[dict[str, Any], dict[str
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """torch.save a dict holding `state_dict` (plus plain values), atomically, with the weights' sha256."""
-    import torch
-
     payload = dict(payload)
     payload["state_dict"] = {k: v.detach().cpu() for k, v in payload["state_dict"].items()}
     payload["sha256"] = tensor_digest(payload["state_dict"])
@@ -160,8 +156,6 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 
 def load_checkpoint(path: str | Path, stage: str) -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True` (nothing is unpickled) and verify its weights' hash."""
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; run the '{stage}' stage (dvc repro {stage})")

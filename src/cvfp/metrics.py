@@ -1,7 +1,7 @@
 """Numbers about contexts and predictions, and how they are printed (always with denominators).
 
 A `scan_fn` below is any callable `scan_fn(model, embeddings, initial=None, with_token_out=False)`
-with the return convention of `CVFPModel.scan`; `model_scan` is the reference one.
+with the return convention of `CVFPModel.scan` (the stages pass `cvfp.scan.exact_scan`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-HEAD_BATCH = 4096  # positions per head evaluation in evaluate_free: bounds the (batch, V) logits in memory
 # token_sensitivity is relative to the output norm; a token-blind step differs only by float32
 # rounding (~1e-7 relative), any real dependence on the token is orders of magnitude above this
 TOKEN_SENSITIVITY_TOLERANCE = 1e-4
@@ -55,24 +54,40 @@ def sample_rows(matrix: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
     return matrix
 
 
-def change_sums(contexts: torch.Tensor, previous: torch.Tensor, threshold: float) -> list[float]:
-    """[tokens whose mean squared change over dimensions is below `threshold`, sum of (c - c_prev)^2, sum of c^2].
+def change_sums(contexts: torch.Tensor, previous: torch.Tensor, threshold: float) -> dict[str, float]:
+    """converged: tokens whose mean squared change over dimensions is below `threshold` (SPEC 4's
+    convergence); change_sq: the sum of (c - c_prev)^2; norm_sq: the sum of c^2.
 
     Sums over rows, so those of a stream held in shards are the sums of the shards' (Phase 1 under torchrun).
     """
     change = (contexts.float() - previous.float()).pow(2)
-    return [float((change.mean(dim=-1) < threshold).sum()), float(change.sum()), float(contexts.float().pow(2).sum())]
-
-
-def convergence(contexts: torch.Tensor, previous: torch.Tensor, threshold: float) -> tuple[int, float]:
-    """Tokens whose mean squared change over dimensions is below `threshold`: (count, rate)."""
-    converged = int(change_sums(contexts, previous, threshold)[0])
-    return converged, converged / max(contexts.shape[0], 1)
+    return {"converged": float((change.mean(dim=-1) < threshold).sum()), "change_sq": float(change.sum()),
+            "norm_sq": float(contexts.float().pow(2).sum())}
 
 
 def relative_residual(change_sq: float, norm_sq: float) -> float:
-    """||c^k - c^(k-1)|| / ||c^k|| (the deep-equilibrium-model convention), from `change_sums`' last two sums."""
+    """||c^k - c^(k-1)|| / ||c^k|| (the deep-equilibrium-model convention), from `change_sums`' change_sq and norm_sq."""
     return math.sqrt(change_sq / norm_sq) if norm_sq > 0 else math.inf
+
+
+def finite_or_none(value: Any) -> Any:
+    """A metrics-file value: a non-finite float becomes None (JSON has no inf/NaN); anything else is kept."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def format_number(value: float | None, spec: str = ".4f") -> str:
+    """A number for a table or a log line; `n/a` for a missing (None) or non-finite value."""
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def perplexity(loss: float | None) -> float | None:
+    """exp(mean cross-entropy in nats): the one perplexity rule. None where that is not a finite number."""
+    if loss is None or not math.isfinite(loss):
+        return None
+    try:
+        return math.exp(loss)
+    except OverflowError:  # a diverged model
+        return None
 
 
 def format_rank(value: float, dim: int) -> str:
@@ -106,59 +121,18 @@ def singular_spectrum(matrix: torch.Tensor, samples: int = 0, seed: int = 0) -> 
 def next_token_metrics(counts: dict[str, Any], num_bytes: int) -> dict[str, Any]:
     """Loss (nats/token), perplexity, top-1 accuracy and bits per byte from summed counts.
 
-    `counts` is dict(total_nats, tokens, correct) as returned by evaluate_free / evaluate_fixed.
+    `counts` is dict(total_nats, predictions, correct) as the evaluations count them (cvfp.evaluate, cvfp.baselines).
     """
-    loss = counts["total_nats"] / counts["tokens"]
-    try:
-        ppl = math.exp(loss)
-    except OverflowError:  # a diverged free run; JSON writers turn inf into null
-        ppl = math.inf
-    return {"val_loss": loss, "val_ppl": ppl, "val_acc": counts["correct"] / counts["tokens"],
+    loss = counts["total_nats"] / counts["predictions"]
+    ppl = perplexity(loss)
+    return {"val_loss": loss, "val_ppl": math.inf if ppl is None else ppl, "val_acc": counts["correct"] / counts["predictions"],
             "val_bpb": bits_per_byte(counts["total_nats"], num_bytes), "total_nats": counts["total_nats"],
-            "tokens": counts["tokens"], "correct": counts["correct"]}
+            "predictions": counts["predictions"], "correct": counts["correct"]}
 
 
 def _device(model: torch.nn.Module) -> torch.device:
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
-
-
-def model_scan(model, embeddings: torch.Tensor, initial: torch.Tensor | None = None, with_token_out: bool = False):
-    """The reference scan_fn: `model.scan` (exact sequential pass c_t = F(c_{t-1}, e_t))."""
-    return model.scan(embeddings, initial=initial, with_token_out=with_token_out)
-
-
-@torch.no_grad()
-def next_token_counts(model, contexts: torch.Tensor, token_outs: torch.Tensor, ids: torch.Tensor,
-                      batch_size: int = HEAD_BATCH) -> dict[str, Any]:
-    """Head on step outputs: logits_t = head(contexts[t], token_outs[t]) predicts ids[t+1].
-
-    contexts (N, C), token_outs (N, E), ids (N,). Sums over the N-1 predicted positions:
-    dict(total_nats (summed cross-entropy), tokens (N-1), correct (top-1 hits)).
-    """
-    targets = ids[1:].to(contexts.device)
-    contexts, token_outs = contexts[:-1], token_outs[:-1]  # the last position has nothing to predict
-    total_nats, correct = 0.0, 0
-    for start in range(0, targets.shape[0], batch_size):
-        stop = start + batch_size
-        logits = model.logits(contexts[start:stop], token_outs[start:stop]).float()
-        total_nats += float(F.cross_entropy(logits, targets[start:stop], reduction="sum").double())
-        correct += int((logits.argmax(dim=-1) == targets[start:stop]).sum())
-    return {"total_nats": total_nats, "tokens": int(targets.shape[0]), "correct": correct}
-
-
-@torch.no_grad()
-def evaluate_free(model, ids: torch.Tensor, scan_fn: Callable | None = None,
-                  batch_size: int = HEAD_BATCH) -> dict[str, Any]:
-    """Free-running next-token evaluation: one sequential scan from c = 0 over ids (N,).
-
-    The contexts are the model's own (never C*), as the model would be used. Returns
-    dict(total_nats, tokens, correct) over the N-1 predicted positions.
-    """
-    scan_fn = scan_fn or model_scan
-    ids = ids.to(_device(model))
-    contexts, token_outs = scan_fn(model, model.embed(ids), with_token_out=True)
-    return next_token_counts(model, contexts, token_outs, ids, batch_size)
 
 
 def _pairwise_means(rows: torch.Tensor) -> tuple[float, float]:
@@ -282,7 +256,7 @@ def convergence_verdict(mses: list[float], slope_threshold: float, std_threshold
 
 
 @torch.no_grad()
-def convergence_check(model, embeddings: torch.Tensor, num_trials: int, scan_fn: Callable | None,
+def convergence_check(model, embeddings: torch.Tensor, num_trials: int, scan_fn: Callable,
                       thresholds) -> dict[str, Any]:
     """Repeated full sequential scans of one stream with no updates (SPEC 7, check 3).
 
@@ -291,7 +265,6 @@ def convergence_check(model, embeddings: torch.Tensor, num_trials: int, scan_fn:
     trial k+1's. `thresholds` has final_diff_threshold, slope_threshold, std_threshold (the
     `evaluate` params section).
     """
-    scan_fn = scan_fn or model_scan
     previous, mses = None, []
     for _ in range(num_trials):
         initial = None if previous is None else previous[-1]

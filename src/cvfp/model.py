@@ -146,8 +146,46 @@ class CVFPModel(nn.Module):
         nn.init.zeros_(self.token_output.bias)
         self.token_output.requires_grad_(False)
 
-    def num_parameters(self, trainable_only: bool = True) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+    def init_head_(self, seed: int) -> None:
+        """Re-initialise the output head (zero and frozen since Phase 1) like every Linear in SPEC section 2.
+
+        Weights normal(0, init_std), biases normal(0, bias_init_std), drawn on the CPU from a
+        generator seeded with `seed`, so the start is the same on every device.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        head = self.token_output
+        with torch.no_grad():
+            head.weight.copy_(torch.empty(head.weight.shape).normal_(0.0, self.args.init_std, generator=generator))
+            head.bias.copy_(torch.empty(head.bias.shape).normal_(0.0, self.args.bias_init_std, generator=generator))
+
+    def set_trainable(self, freeze_context: bool, freeze_embedding: bool) -> list[nn.Parameter]:
+        """Freeze what a Phase-2 variant says and return the parameters left to train.
+
+        The head always trains; `freeze_context` freezes everything else (blocks and embedding);
+        `freeze_embedding` freezes token_embedding and embed_norm. The context decoder is a
+        Phase-1 device and never trains in Phase 2.
+        """
+        self.requires_grad_(not freeze_context)
+        self.token_output.requires_grad_(True)
+        if freeze_embedding:
+            self.token_embedding.requires_grad_(False)
+            self.embed_norm.requires_grad_(False)
+        if self.context_decoder is not None:
+            self.context_decoder.requires_grad_(False)
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """The one count of trainable parameters (CVFP and the baselines): elements of parameters that require grad."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def phase2_trainable_parameters(args: ModelArgs, freeze_context: bool, freeze_embedding: bool) -> int:
+    """What Phase 2 trains for these model args and freezing flags, counted on the meta device (no weights made)."""
+    with torch.device("meta"):
+        model = CVFPModel(args)
+    model.set_trainable(freeze_context, freeze_embedding)
+    return trainable_parameters(model)
 
 
 def save_model(path: str | Path, model: CVFPModel, **extra: Any) -> None:

@@ -7,12 +7,13 @@ belongs is an error, never coerced. Errors name the key (`phase1.lr`) and what i
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ruamel.yaml import YAML
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.error import YAMLError
 
 from cvfp.errors import ParamsError
 
@@ -148,6 +149,7 @@ class BaselinesParams(_Section):
     budget_tokens: NonNegInt = 0  # training tokens; 0 = Phase 2's: phase2.epochs x (train tokens - 1)
     patience: PosInt = 3
     grad_clip: PosFloat = 1.0
+    max_nonfinite_steps: PosInt = 100  # consecutive non-finite batch losses before the stage stops as diverged
     gru: GRUBaselineParams = GRUBaselineParams()
     transformer: TransformerBaselineParams = TransformerBaselineParams()
 
@@ -194,11 +196,6 @@ class Params(_Section):
         """Params flattened to dotted keys (`phase1.dist_reg_weight`), as MLflow and DVC name them."""
         return flatten(self.model_dump())
 
-    def section_hash(self, *sections: str) -> str:
-        """A stable hash of the named sections (e.g. to tie a checkpoint to the params that built it)."""
-        dumped = self.model_dump()
-        payload = {name: dumped[name] for name in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -214,10 +211,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def read_yaml(path: str | Path) -> Any:
     """Read YAML 1.2 as DVC does, refusing duplicate keys."""
-    from ruamel.yaml import YAML
-    from ruamel.yaml.constructor import DuplicateKeyError
-    from ruamel.yaml.error import YAMLError
-
     yaml = YAML(typ="safe", pure=True)
     yaml.allow_duplicate_keys = False
     try:

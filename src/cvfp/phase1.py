@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -34,8 +34,10 @@ from cvfp import fast
 from cvfp.distributed import (Shard, World, average_gradients, broadcast, broadcast_module, gather_rows, main_only,
                               previous_rank_rows, select_rows, sum_numbers)
 from cvfp.distributed import current as current_world
+from cvfp.loop import LoopResult, NonFiniteGuard, restore_state, save_state
 from cvfp.metrics import change_sums, effective_rank, format_rank, format_rate, relative_residual, sample_indices
 from cvfp.model import CVFPModel
+from cvfp.runtime import progress
 from cvfp.scan import exact_scan
 
 EMA_EPS = 1e-6  # the seed's guard in 1 / (mean(var) + eps)
@@ -105,16 +107,12 @@ def context_losses(contexts: torch.Tensor, previous: torch.Tensor, diversity: Di
     return {"cvfp_loss": cvfp, "diversity_loss": div, "total_loss": (1 - dist_reg_weight) * cvfp + dist_reg_weight * div}
 
 
-def _autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def parallel_pass(model: CVFPModel, embeddings: torch.Tensor, inputs: torch.Tensor, chunk: int,
-                  precision: str = "fp32") -> torch.Tensor:
+                  precision: str = "fp32", options: fast.FastOptions = fast.DEFAULT) -> torch.Tensor:
     """F(inputs[t], e_t) for all t, chunk by chunk, without a graph: (N, E), (N, C) -> (N, C) float32."""
     out = torch.empty_like(inputs, dtype=torch.float32)
-    step = fast.step_function(model, precision)
-    with torch.no_grad(), _autocast(embeddings.device, precision):
+    step = fast.step_function(model, precision, options)
+    with torch.no_grad(), fast.autocast(embeddings.device, precision):
         for start in range(0, embeddings.shape[0], chunk):
             stop = start + chunk
             out[start:stop] = step(inputs[start:stop], embeddings[start:stop])[0].float()
@@ -125,6 +123,135 @@ def _recon_sum(model: CVFPModel, contexts: torch.Tensor, inputs: torch.Tensor, e
     """Sum of squared errors of the context decoder reconstructing [c_prev; x] from c."""
     target = torch.cat([inputs, embeddings], dim=-1)
     return (model.context_decoder(contexts).float() - target.float()).pow(2).sum()
+
+
+def _recon_scale(model: CVFPModel, params, part: Shard) -> float:
+    """recon_weight / (N x (C + E)): turns the decoder's summed squared error into its weighted MSE."""
+    return params.recon_weight / (part.n * (model.args.context_dim + model.args.embed_dim))
+
+
+def _loss_values(cvfp: float, diversity: float, total: float, recon_sum: float, recon_scale: float,
+                 recon_weight: float) -> dict[str, float]:
+    """The iteration's reported loss terms; with the decoder on, its plain MSE and its share of the total."""
+    values = {"cvfp_loss": cvfp, "diversity_loss": diversity, "total_loss": total}
+    if recon_scale > 0:
+        values["recon_loss"] = recon_sum * recon_scale / recon_weight
+        values["total_loss"] += recon_sum * recon_scale
+    return values
+
+
+def jacobi_step(model: CVFPModel, embeddings: torch.Tensor, previous: torch.Tensor, diversity: DiversityLoss,
+                params, carry: torch.Tensor | None = None, optimizer: torch.optim.Optimizer | None = None,
+                options: fast.FastOptions = fast.DEFAULT) -> tuple[torch.Tensor, dict[str, float], bool]:
+    """One Phase-1 iteration on one split: contexts = F(shifted previous, e) for every token, and their losses.
+
+    embeddings and previous hold the rows `diversity.part` of the stream (all by default),
+    `carry` the input context of its first row (see `shifted_inputs`). With an `optimizer`
+    (training) the iteration also makes one update over all N tokens; without one
+    (validation) it reports the same loss terms and changes nothing but the EMA statistics.
+    Returns (contexts computed before the update, loss values, skipped). A non-finite loss or
+    gradient skips the update; the caller counts it.
+    """
+    n = embeddings.shape[0]
+    part = diversity.shard_of(previous)
+    inputs = shifted_inputs(previous, carry)
+    if optimizer is not None and fast.enabled(embeddings.device) and n <= params.batch_tokens:
+        return _single_pass_update(model, optimizer, embeddings, inputs, previous, diversity, params, options)
+    contexts = parallel_pass(model, embeddings, inputs, params.batch_tokens, params.precision, options)
+    # the losses are functions of the whole matrix: taken on it as a leaf, whose gradient pass 2 pushes through F
+    leaf = contexts.clone().requires_grad_(True) if optimizer is not None else contexts
+    losses = context_losses(leaf, previous, diversity, params.dist_reg_weight)
+    scale = _recon_scale(model, params, part)
+    recon_sum = 0.0
+    if scale > 0:
+        with torch.no_grad():
+            local = sum(_recon_sum(model, contexts[s:s + params.batch_tokens], inputs[s:s + params.batch_tokens],
+                                   embeddings[s:s + params.batch_tokens]) for s in range(0, n, params.batch_tokens))
+            recon_sum = float(part.sum(local))
+    values = _loss_values(*(float(losses[k].detach()) for k in ("cvfp_loss", "diversity_loss", "total_loss")),
+                          recon_sum, scale, params.recon_weight)
+    if optimizer is None:
+        diversity.commit(contexts)
+        return contexts, values, False
+    if not math.isfinite(values["total_loss"]):
+        return contexts, values, True
+
+    (grad_contexts,) = torch.autograd.grad(losses["total_loss"], leaf)
+    optimizer.zero_grad(set_to_none=True)
+    step = fast.step_function(model, params.precision, options)
+    with fast.autocast(embeddings.device, params.precision):
+        for start in range(0, n, params.batch_tokens):
+            stop = start + params.batch_tokens
+            chunk = step(inputs[start:stop], embeddings[start:stop])[0].float()
+            surrogate = (chunk * grad_contexts[start:stop]).sum()  # its gradient is dL/dC's slice pushed through F
+            if scale > 0:  # x world size: each rank stands for the whole loss (see cvfp.distributed)
+                surrogate = surrogate + part.world.size * scale * _recon_sum(
+                    model, chunk, inputs[start:stop], embeddings[start:stop])
+            surrogate.backward()
+    grad_norm = _clip_and_queue_step(model, optimizer, params.grad_clip, part.world, losses["total_loss"].detach())
+    skipped = _finish_step(optimizer, bool(torch.isfinite(grad_norm)), diversity, contexts)
+    return contexts, values, skipped
+
+
+def _single_pass_update(model: CVFPModel, optimizer: torch.optim.Optimizer, embeddings: torch.Tensor,
+                        inputs: torch.Tensor, previous: torch.Tensor, diversity: DiversityLoss, params,
+                        options: fast.FastOptions) -> tuple[torch.Tensor, dict[str, float], bool]:
+    """`jacobi_step`'s update when one chunk holds all N tokens: the same loss and gradient, one forward fewer.
+
+    The losses are compiled too (in one process), and with a fused Adam the skip on a
+    non-finite loss or gradient is decided on the device: the host reads the numbers back
+    once, after the optimizer step has been queued, so the GPU never waits for it mid-step.
+    """
+    part = diversity.shard_of(previous)
+    optimizer.zero_grad(set_to_none=True)
+    with fast.autocast(embeddings.device, params.precision):
+        output = fast.step_function(model, params.precision, options)(inputs, embeddings)[0].float()
+    contexts = output.detach()
+    losses_fn = context_losses if part.world.active or not options.fused_step else \
+        fast.compiled(model, "phase1_losses", context_losses, options)
+    losses = losses_fn(output, previous, diversity, params.dist_reg_weight)
+    total = losses["total_loss"]
+    scale = _recon_scale(model, params, part)
+    recon = torch.zeros((), device=output.device)
+    if scale > 0:
+        with fast.autocast(embeddings.device, params.precision):
+            recon = part.sum(_recon_sum(model, output, inputs, embeddings))
+        total = total + scale * recon
+    # backward before reading any number: a non-finite loss still skips the step (below)
+    total.backward()
+    grad_norm = _clip_and_queue_step(model, optimizer, params.grad_clip, part.world, total.detach())
+    numbers = torch.stack([losses["cvfp_loss"], losses["diversity_loss"], losses["total_loss"], recon.float(),
+                           grad_norm.float()]).detach().tolist()
+    values = _loss_values(*numbers[:4], scale, params.recon_weight)
+    skipped = _finish_step(optimizer, math.isfinite(values["total_loss"]) and math.isfinite(numbers[4]), diversity,
+                           contexts)
+    return contexts, values, skipped
+
+
+def _clip_and_queue_step(model: CVFPModel, optimizer: torch.optim.Optimizer, grad_clip: float, world: World,
+                         loss: torch.Tensor) -> torch.Tensor:
+    """Average gradients over ranks and clip them; with a fused Adam, queue the step, skipped on the device
+    when `loss` or the gradient norm is not finite. Returns the gradient norm (not read back here)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    average_gradients(trainable, world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    if fast.skip_on_device(optimizer):
+        optimizer.found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+        optimizer.step()
+        optimizer.found_inf = None
+    return grad_norm
+
+
+def _finish_step(optimizer: torch.optim.Optimizer, finite: bool, diversity: DiversityLoss,
+                 contexts: torch.Tensor) -> bool:
+    """Skip (gradients dropped) or take the step and advance the EMA statistics; returns whether it was skipped."""
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
+        return True
+    if not fast.skip_on_device(optimizer):
+        optimizer.step()
+    diversity.commit(contexts)
+    return False
 
 
 @dataclass
@@ -151,126 +278,10 @@ class IterationStats:
         return {f"{prefix}_{k}": v for k, v in values.items() if v is not None}
 
 
-def train_step(model: CVFPModel, optimizer: torch.optim.Optimizer, embeddings: torch.Tensor,
-               previous: torch.Tensor, diversity: DiversityLoss, params,
-               carry: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float], bool]:
-    """One parallel iteration with one optimizer step over all N tokens.
-
-    embeddings and previous hold the rows `diversity.part` of the stream (all by default),
-    `carry` the input context of its first row (see `shifted_inputs`). Returns (contexts
-    computed before the step, loss values, skipped). A non-finite loss or gradient skips the
-    step; the caller counts it.
-    """
-    n = embeddings.shape[0]
-    part = diversity.shard_of(previous)
-    inputs = shifted_inputs(previous, carry)
-    if fast.enabled(embeddings.device) and n <= params.batch_tokens:
-        return _single_pass_step(model, optimizer, embeddings, inputs, previous, diversity, params)
-    contexts = parallel_pass(model, embeddings, inputs, params.batch_tokens, params.precision)
-
-    leaf = contexts.clone().requires_grad_(True)
-    losses = context_losses(leaf, previous, diversity, params.dist_reg_weight)
-    total = losses["total_loss"]
-    recon_scale = params.recon_weight / (part.n * (model.args.context_dim + model.args.embed_dim))
-    recon_total = 0.0
-    if recon_scale > 0:
-        with torch.no_grad():
-            local = sum(_recon_sum(model, contexts[s:s + params.batch_tokens], inputs[s:s + params.batch_tokens],
-                                   embeddings[s:s + params.batch_tokens]) for s in range(0, n, params.batch_tokens))
-            recon_total = float(part.sum(local))
-    values = {k: float(v.detach()) for k, v in losses.items()}
-    if recon_scale > 0:
-        values["recon_loss"] = recon_total * recon_scale / params.recon_weight  # the decoder's plain MSE
-        values["total_loss"] += recon_total * recon_scale
-    if not math.isfinite(values["total_loss"]):
-        return contexts, values, True
-
-    (grad_contexts,) = torch.autograd.grad(total, leaf)
-    optimizer.zero_grad(set_to_none=True)
-    step = fast.step_function(model, params.precision)
-    with _autocast(embeddings.device, params.precision):
-        for start in range(0, n, params.batch_tokens):
-            stop = start + params.batch_tokens
-            chunk = step(inputs[start:stop], embeddings[start:stop])[0].float()
-            surrogate = (chunk * grad_contexts[start:stop]).sum()  # its gradient is dL/dC's slice pushed through F
-            if recon_scale > 0:  # x world size: each rank stands for the whole loss (see cvfp.distributed)
-                surrogate = surrogate + part.world.size * recon_scale * _recon_sum(
-                    model, chunk, inputs[start:stop], embeddings[start:stop])
-            surrogate.backward()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    average_gradients(trainable, part.world)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
-    if not torch.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
-        return contexts, values, True
-    optimizer.step()
-    diversity.commit(contexts)
-    return contexts, values, False
-
-
-def _single_pass_step(model: CVFPModel, optimizer: torch.optim.Optimizer, embeddings: torch.Tensor,
-                      inputs: torch.Tensor, previous: torch.Tensor, diversity: DiversityLoss,
-                      params) -> tuple[torch.Tensor, dict[str, float], bool]:
-    """`train_step` when one chunk holds all N tokens: the same loss and gradient, one forward fewer.
-
-    The losses are compiled too (in one process), and with a fused Adam the skip on a
-    non-finite loss or gradient is decided on the device: the host reads the numbers back
-    once, after the optimizer step has been queued, so the GPU never waits for it mid-step.
-    """
-    part = diversity.shard_of(previous)
-    optimizer.zero_grad(set_to_none=True)
-    with _autocast(embeddings.device, params.precision):
-        output = fast.step_function(model, params.precision)(inputs, embeddings)[0].float()
-    contexts = output.detach()
-    losses_fn = context_losses if part.world.active or not fast.FUSED_STEP else \
-        fast.compiled(model, "phase1_losses", context_losses)
-    losses = losses_fn(output, previous, diversity, params.dist_reg_weight)
-    total = losses["total_loss"]
-    recon_scale = params.recon_weight / (part.n * (model.args.context_dim + model.args.embed_dim))
-    recon = torch.zeros((), device=output.device)
-    if recon_scale > 0:
-        with _autocast(embeddings.device, params.precision):
-            recon = part.sum(_recon_sum(model, output, inputs, embeddings))
-        total = total + recon_scale * recon
-    # backward before reading any number: a non-finite loss still skips the step (below)
-    total.backward()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    average_gradients(trainable, part.world)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
-    on_device = fast.skip_on_device(optimizer)
-    if on_device:
-        optimizer.found_inf = (~(torch.isfinite(total.detach()) & torch.isfinite(grad_norm))).float()
-        optimizer.step()
-        optimizer.found_inf = None
-    numbers = torch.stack([losses["cvfp_loss"], losses["diversity_loss"], losses["total_loss"], recon.float(),
-                           grad_norm.float()]).detach().tolist()
-    values = dict(zip(("cvfp_loss", "diversity_loss", "total_loss"), numbers[:3]))
-    if recon_scale > 0:
-        values["recon_loss"] = numbers[3] * recon_scale / params.recon_weight
-        values["total_loss"] += numbers[3] * recon_scale
-    if not (math.isfinite(values["total_loss"]) and math.isfinite(numbers[4])):
-        optimizer.zero_grad(set_to_none=True)
-        return contexts, values, True
-    if not on_device:
-        optimizer.step()
-    diversity.commit(contexts)
-    return contexts, values, False
-
-
-def evaluate_step(model: CVFPModel, embeddings: torch.Tensor, previous: torch.Tensor, diversity: DiversityLoss,
-                  params, carry: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The same parallel iteration with no parameter update (validation)."""
-    contexts = parallel_pass(model, embeddings, shifted_inputs(previous, carry), params.batch_tokens, params.precision)
-    losses = context_losses(contexts, previous, diversity, params.dist_reg_weight)
-    diversity.commit(contexts)
-    return contexts, {k: float(v) for k, v in losses.items()}
-
-
 @dataclass
-class Phase1Result:
-    history: list[dict[str, Any]] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)  # deterministic numbers only (metrics/phase1.json)
-    timing: dict[str, Any] = field(default_factory=dict)  # wall-clock figures, kept apart so reruns compare equal
+class Phase1Result(LoopResult):
+    """The loop's result plus the last accepted contexts of each split (whole streams, every rank)."""
+
     train_contexts: torch.Tensor | None = None
     val_contexts: torch.Tensor | None = None
 
@@ -280,9 +291,8 @@ def _stats(contexts: torch.Tensor, previous: torch.Tensor | None, losses: dict[s
     """Numbers of the whole stream, from this rank's rows `part` of it (counts and norms summed over ranks)."""
     converged, residual = None, None
     if previous is not None:
-        count, change_sq, norm_sq = sum_numbers(change_sums(contexts, previous, params.convergence_threshold),
-                                                part.world)
-        converged, residual = int(count), relative_residual(change_sq, norm_sq)
+        sums = sum_numbers(change_sums(contexts, previous, params.convergence_threshold), part.world)
+        converged, residual = int(sums["converged"]), relative_residual(sums["change_sq"], sums["norm_sq"])
     rows = select_rows(contexts, part.lo, sample_indices(part.n, params.effective_rank_samples, seed), part.world)
     return IterationStats(
         cvfp_loss=losses["cvfp_loss"] if losses else None,
@@ -295,7 +305,8 @@ def _stats(contexts: torch.Tensor, previous: torch.Tensor | None, losses: dict[s
 def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tensor, params, seed: int,
                  log: Callable[[str], None] = print, *,
                  checkpoint: Callable[[dict[str, Any]], None] | None = None,
-                 resume_state: dict[str, Any] | None = None, world: World | None = None) -> Phase1Result:
+                 resume_state: dict[str, Any] | None = None, world: World | None = None,
+                 options: fast.FastOptions = fast.DEFAULT) -> Phase1Result:
     """Run Phase 1 on the train stream, mirroring each iteration on validation without updates.
 
     `params` is the `phase1` section. `max_iterations` counts iteration 0 (the sequential scan).
@@ -307,9 +318,6 @@ def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tenso
     Under torchrun (`world`, default: the initialised process group) every rank calls this with
     the same arguments and trains on its shard; every rank returns the same result.
     """
-    from cvfp.resume import rng_state, set_rng_state, stop_if_diverged, to_cpu
-    from cvfp.runtime import progress
-
     world = world or current_world()
     log = main_only(log, world)
     device = next(model.parameters()).device
@@ -325,27 +333,23 @@ def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tenso
         model.load_state_dict(resume_state["state_dict"])
     broadcast_module(model, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = fast.adam(trainable, params.lr, device)
+    optimizer = fast.adam(trainable, params.lr, device, options)
     with torch.no_grad():  # this rank's rows
         embeddings = {split: model.embed(ids[split][part.lo:part.hi].to(device)) for split, part in parts.items()}
     diversity = {split: DiversityLoss(params.diversity, params.ema_momentum, parts[split]) for split in embeddings}
     dim = model.context_dim
     result = Phase1Result()
+    guard = NonFiniteGuard("phase1", params.max_nonfinite_steps)
     previous: dict[str, torch.Tensor] = {}  # this rank's rows of the last accepted iteration
     carry: dict[str, torch.Tensor] = {}  # the input context of this rank's first row
-    skipped_steps, nonfinite_run, first = 0, 0, 0
-    interval = getattr(params, "checkpoint_interval", 1)
-    max_nonfinite = getattr(params, "max_nonfinite_steps", None)
+    first = 0
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        set_rng_state(resume_state["rng"], device)
+        result.history = restore_state(resume_state, model, optimizer, device, guard, load_weights=False)
         for split, state in resume_state["diversity"].items():
             diversity[split].mean = None if state["mean"] is None else state["mean"].to(device)
             diversity[split].var = None if state["var"] is None else state["var"].to(device)
         for split, full in resume_state["previous"].items():
             previous[split], carry[split] = _own_rows(full.to(device), parts[split])
-        result.history = list(resume_state["history"])
-        skipped_steps, nonfinite_run = resume_state["skipped_steps"], resume_state["nonfinite_run"]
         first = resume_state["iteration"] + 1
         log(f"resuming from iteration {first} (checkpoint after iteration {resume_state['iteration']})")
     started = time.perf_counter()
@@ -358,15 +362,12 @@ def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tenso
             losses, skipped = None, False
             if iteration == 0:
                 contexts, carry[split] = _own_rows(_scan_on_rank0(model, ids[split], parts[split], split), parts[split])
-            elif split == "train":
-                contexts, losses, skipped = train_step(model, optimizer, embeddings[split], previous[split],
-                                                       diversity[split], params, carry[split])
-                skipped_steps += skipped
-                nonfinite_run = nonfinite_run + 1 if skipped else 0
-                stop_if_diverged("phase1", nonfinite_run, max_nonfinite, f"iteration {iteration}", bar)
             else:
-                contexts, losses = evaluate_step(model, embeddings[split], previous[split], diversity[split], params,
-                                                 carry[split])
+                contexts, losses, skipped = jacobi_step(model, embeddings[split], previous[split], diversity[split],
+                                                        params, carry[split],
+                                                        optimizer if split == "train" else None, options)
+                if split == "train":
+                    guard.record(not skipped, f"iteration {iteration}", bar)
             stats = _stats(contexts, previous.get(split), losses, params, seed, time.perf_counter() - tick,
                            parts[split], skipped)
             last[split] = stats
@@ -375,7 +376,7 @@ def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tenso
                 if iteration > 0:
                     carry[split] = previous_rank_rows(contexts[-1], world)
                 previous[split] = contexts
-        row["skipped_steps"] = skipped_steps
+        row["skipped_steps"] = guard.skipped
         result.history.append(row)
         log(_iteration_line(iteration, params.max_iterations, last, dim))
         # iteration 1 re-runs the scan's own weights on the scan's contexts, so its convergence is
@@ -384,20 +385,19 @@ def train_phase1(model: CVFPModel, train_ids: torch.Tensor, val_ids: torch.Tenso
         if iteration >= 2 and converged / last["train"].tokens >= params.min_converged_ratio:
             log(f"early stop: train convergence reached phase1.min_converged_ratio={params.min_converged_ratio}")
             break
-        due = nonfinite_run == 0 and iteration < params.max_iterations - 1 and (iteration + 1) % interval == 0
+        due = (guard.run == 0 and iteration < params.max_iterations - 1
+               and (iteration + 1) % params.checkpoint_interval == 0)
         if due and (checkpoint is not None or world.active):  # every rank joins the gather
             full = {split: gather_rows(previous[split], parts[split].n, world) for split in previous}
             if checkpoint is not None:
-                checkpoint(to_cpu({
-                    "stage": "phase1", "iteration": iteration, "state_dict": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "rng": rng_state(device),
-                    "diversity": {split: {"mean": d.mean, "var": d.var} for split, d in diversity.items()},
-                    "previous": full, "history": result.history, "skipped_steps": skipped_steps,
-                    "nonfinite_run": nonfinite_run}))
+                checkpoint(save_state(
+                    "phase1", {"iteration": iteration}, model, optimizer, device, result.history, guard,
+                    diversity={split: {"mean": d.mean, "var": d.var} for split, d in diversity.items()},
+                    previous=full))
     bar.close()
 
     result.summary = {split: _split_summary(last[split], dim) for split in ("train", "val")}
-    result.summary.update({"iterations": len(result.history), "skipped_steps": skipped_steps, "context_dim": dim})
+    result.summary.update({"iterations": len(result.history), "skipped_steps": guard.skipped, "context_dim": dim})
     result.timing = {"seconds": time.perf_counter() - started,
                      "seconds_per_iteration": [row.get("train_seconds", 0.0) for row in result.history]}
     result.train_contexts = gather_rows(previous["train"], parts["train"].n, world)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from cvfp.errors import ArtifactError, StageError
+from cvfp.errors import ArtifactError
 from cvfp.io import load_checkpoint, save_checkpoint
 
 # params that change how often state is saved or when a run gives up, not the numbers it produces
@@ -93,15 +93,3 @@ def to_cpu(tree: Any) -> Any:
     if isinstance(tree, (list, tuple)):
         return type(tree)(to_cpu(v) for v in tree)
     return tree
-
-
-def stop_if_diverged(stage: str, nonfinite_run: int, limit: int | None, where: str, bar=None) -> None:
-    """Raise StageError after `limit` consecutive non-finite losses/gradients (`{stage}.max_nonfinite_steps`)."""
-    if limit is None or nonfinite_run < limit:
-        return
-    if bar is not None:
-        bar.close()
-    raise StageError(
-        f"{stage} diverged: {nonfinite_run} consecutive non-finite losses/gradients, the last at {where} "
-        f"({stage}.max_nonfinite_steps={limit}); the last good resume checkpoint is kept; "
-        f"lower {stage}.lr or check the data")

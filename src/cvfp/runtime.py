@@ -6,6 +6,9 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
+import torch
+
 EXPERIMENT_TEMP_MARKER = os.path.join(".dvc", "tmp", "exps")
 
 
@@ -43,9 +46,6 @@ def configure_environment() -> None:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch, and ask torch for deterministic CPU kernels."""
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -54,23 +54,27 @@ def seed_everything(seed: int) -> None:
 
 def resolve_device(name: str):
     """`auto` -> cuda when available else cpu; `cuda` without a GPU is an error."""
-    import torch
-
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: cuda was asked for in params.yaml but no CUDA device is available (use auto or cpu)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    from cvfp.distributed import launched
-
     if device.type == "cuda" and launched():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun process
     return device
 
 
+LAUNCHED_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every process it starts
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun."""
+    return LAUNCHED_ENV in os.environ and "WORLD_SIZE" in os.environ
+
+
 def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", disable: bool = False):
     """A tqdm progress bar with ETA on stderr (quiet when CVFP_NO_PROGRESS is set, or `disable`: ranks > 0)."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # lazy: tqdm.auto probes for notebooks, which costs start-up in stages that never show a bar
 
     return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0,
                 disable=disable or bool(os.environ.get("CVFP_NO_PROGRESS")))

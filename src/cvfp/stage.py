@@ -8,18 +8,17 @@ the process with exit code 2 and one message naming the cause, without a traceba
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from cvfp import distributed
 from cvfp.errors import KNOWN_ERRORS, ParamsError
+from cvfp.io import write_json
 from cvfp.params import Params, load_params
 from cvfp.runtime import configure_environment, resolve_device, seed_everything
-
-if TYPE_CHECKING:
-    from cvfp.tracking import StageRun
+from cvfp.tracking import NullRun, StageRun
 
 
-def run_stage(name: str, body: Callable[[Params, "StageRun"], None], params_file: str = "params.yaml",
+def run_stage(name: str, body: Callable[[Params, StageRun], None], params_file: str = "params.yaml",
               data_parallel: bool = False) -> None:
     """Load params, seed, open the stage's MLflow run and call `body(params, run)`.
 
@@ -41,8 +40,6 @@ def run_stage(name: str, body: Callable[[Params, "StageRun"], None], params_file
         return
     seed_everything(params.seed)
     world = distributed.setup(resolve_device(params.device).type) if data_parallel else distributed.SINGLE
-
-    from cvfp.tracking import NullRun, StageRun
 
     run = StageRun(name, params.flat(), params_file) if world.is_main else NullRun()
     try:
@@ -73,8 +70,6 @@ def report_timing(stage: str, run, timing: dict) -> None:
     They are kept out of the DVC-tracked metrics files on purpose: those must be identical
     when the same params run twice, and a clock never is.
     """
-    from cvfp.io import write_json
-
     write_json(f"{TIMING_DIR}/{stage}.json", timing)
     run.log_metrics({"timing": {k: v for k, v in timing.items() if isinstance(v, (int, float))}})
 

@@ -92,7 +92,7 @@ class StageRun:
         root = project_root()
 
         def connect():
-            from mlflow.tracking import MlflowClient
+            from mlflow.tracking import MlflowClient  # inside the guarded call: a broken MLflow install warns, never stops the stage
 
             _preflight_sqlite(tracking_uri())
 
@@ -143,7 +143,7 @@ class StageRun:
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Log numeric leaves of a (nested) metrics dict under dotted names; non-finite values are skipped."""
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # mlflow is imported only once the store is open (see connect)
 
         stamp = int(time.time() * 1000)
         rows = [Metric(key, float(value), stamp, step or 0) for key, value in _numeric(metrics)]
@@ -201,7 +201,7 @@ def _preflight_sqlite(uri: str) -> None:
     """Fail fast on a sqlite store that cannot work (MLflow itself retries for minutes)."""
     if not uri.startswith("sqlite:///"):
         return
-    import sqlite3
+    import sqlite3  # only for a sqlite store
 
     path = Path(uri[len("sqlite:///"):])
     if not path.exists():
@@ -218,7 +218,7 @@ def _preflight_sqlite(uri: str) -> None:
 
 
 def _params(flat_params: dict[str, Any]):
-    from mlflow.entities import Param
+    from mlflow.entities import Param  # mlflow is imported only once the store is open (see connect)
 
     return [Param(key, str(value)[:6000]) for key, value in sorted(flat_params.items())]
 

@@ -24,7 +24,7 @@ import torch
 from tokenizers import Tokenizer
 
 from cvfp.data.corpus import BOUNDARY_TOKEN, ROLE_TOKENS, document_bytes, read_documents
-from cvfp.data.tokenizer import load_tokenizer, special_token_ids
+from cvfp.data.tokenizer import literal_specials, load_tokenizer, special_token_ids
 from cvfp.errors import ArtifactError
 from cvfp.io import load_tensors, require_fresh, save_tensors, sha256_file
 from cvfp.runtime import progress
@@ -57,10 +57,6 @@ class TokenStream:
     def num_bytes(self) -> int:
         return int(self.doc_bytes.sum())
 
-    @property
-    def boundary_id(self) -> int:
-        return self.special_ids[BOUNDARY_TOKEN]
-
     def doc(self, index: int) -> torch.Tensor:
         """The ids of document `index`, its boundary token included."""
         return self.ids[self.doc_offsets[index]:self.doc_offsets[index + 1]]
@@ -74,24 +70,20 @@ def encode_documents(documents: list[dict[str, Any]], tokenizer: Tokenizer, toke
     pieces: list[np.ndarray] = []
     lengths: list[int] = []
     # Specials are inserted by this function alone; text that looks like one is encoded as text.
-    literal_before, tokenizer.encode_special_tokens = tokenizer.encode_special_tokens, True
-    try:
-        with progress(total=len(documents), desc="cache: tokenizing", unit="doc") as bar:
-            for start in range(0, len(documents), DOCS_PER_BATCH):
-                batch = documents[start:start + DOCS_PER_BATCH]
-                contents = [m["content"] for d in batch for m in d["messages"]]
-                encodings = iter(tokenizer.encode_batch(contents, add_special_tokens=False))
-                for document in batch:
-                    ids: list[int] = []
-                    for message in document["messages"]:
-                        ids.append(role_ids[message["role"]])
-                        ids.extend(next(encodings).ids)
-                    ids.append(boundary)
-                    pieces.append(np.asarray(ids, dtype=np.int64))
-                    lengths.append(len(ids))
-                bar.update(len(batch))
-    finally:
-        tokenizer.encode_special_tokens = literal_before
+    with literal_specials(tokenizer), progress(total=len(documents), desc="cache: tokenizing", unit="doc") as bar:
+        for start in range(0, len(documents), DOCS_PER_BATCH):
+            batch = documents[start:start + DOCS_PER_BATCH]
+            contents = [m["content"] for d in batch for m in d["messages"]]
+            encodings = iter(tokenizer.encode_batch(contents, add_special_tokens=False))
+            for document in batch:
+                ids: list[int] = []
+                for message in document["messages"]:
+                    ids.append(role_ids[message["role"]])
+                    ids.extend(next(encodings).ids)
+                ids.append(boundary)
+                pieces.append(np.asarray(ids, dtype=np.int64))
+                lengths.append(len(ids))
+            bar.update(len(batch))
     ids = torch.from_numpy(np.concatenate(pieces)) if pieces else torch.zeros(0, dtype=ID_DTYPE)
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)

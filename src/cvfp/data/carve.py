@@ -16,15 +16,15 @@ import math
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
 from cvfp.data.cache import TokenStream, load_token_file, save_stream
 from cvfp.errors import StageError
+from cvfp.params import CarveParams
 
-CARVE_METHODS = ("tail",)
-UNSEEN_POLICIES = ("drop_docs", "fail")
+CARVE_METHODS = get_args(CarveParams.model_fields["method"].annotation)  # the schema's ("tail",)
 IDS_NAMED = 10  # unseen ids quoted in an error message
 
 
@@ -92,14 +92,14 @@ def _keep_docs(stream: TokenStream, keep: torch.Tensor, doc_of_token: torch.Tens
 
 
 def carve(stream: TokenStream, *, val_fraction: float, unseen: str = "drop_docs", method: str = "tail") -> Carve:
-    """Split `stream` into training (head) and validation (tail), applying the unseen-id policy."""
+    """Split `stream` into training (head) and validation (tail), applying the unseen-id policy.
+
+    The keywords are the `carve` params section. Its schema bounds val_fraction to (0, 1) and unseen
+    to drop_docs | fail, which are not checked again here; the method is, for callers passing raw
+    arguments, since a random split breaks the seed rule."""
     if method not in CARVE_METHODS:
         raise StageError(f"carve.method={method!r} is refused: allowed {', '.join(CARVE_METHODS)} "
                          f"(validation is the tail of the stream; a random split is forbidden)")
-    if unseen not in UNSEEN_POLICIES:
-        raise StageError(f"carve.unseen={unseen!r}: allowed {', '.join(UNSEEN_POLICIES)}")
-    if not 0 < val_fraction < 1:
-        raise StageError(f"carve.val_fraction={val_fraction}: must lie strictly between 0 and 1")
     docs = stream.num_docs
     cut = cut_document(stream.doc_offsets, val_fraction) if docs else 0
     if cut == 0 or cut == docs or int(stream.doc_offsets[cut]) == stream.num_tokens:

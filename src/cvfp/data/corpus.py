@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from cvfp.errors import ArtifactError
+from cvfp.errors import ArtifactError, StageError
 from cvfp.io import write_text
 from cvfp.params import DataParams
-from cvfp.errors import StageError
 
 BOUNDARY_TOKEN = "<|endoftext|>"
 ROLE_TOKENS = {"user": "<|user|>", "assistant": "<|assistant|>", "system": "<|system|>"}
@@ -99,6 +98,7 @@ def chitchat_corpus():
 
     A turn is one speaker's consecutive utterances joined by a space (the package's default).
     """
+    # lazy: `datasets` takes ~1 s to import and only reading a corpus (the tokenizer stage) needs it
     import chitchat_dataset
     from datasets import Dataset
 
@@ -113,6 +113,7 @@ def chitchat_corpus():
 
 def hub_corpus(name: str, split: str):
     """`load_dataset(name, split=split)` (a hub id or a local folder of that layout), `messages` only."""
+    # lazy: `datasets` takes ~1 s to import and only reading a corpus (the tokenizer stage) needs it
     from datasets import load_dataset
 
     try:
@@ -127,6 +128,7 @@ def hub_corpus(name: str, split: str):
 
 def files_corpus(paths: list[str]):
     """`.txt` and `.jsonl` files, read through `datasets`, concatenated in the listed order."""
+    # lazy: `datasets` takes ~1 s to import and only reading a corpus (the tokenizer stage) needs it
     from datasets import Dataset
 
     rows: list[dict[str, Any]] = []
@@ -147,6 +149,7 @@ def files_corpus(paths: list[str]):
 
 
 def _load_file(builder: str, path: Path, **options: Any):
+    # lazy: `datasets` takes ~1 s to import and only reading a corpus (the tokenizer stage) needs it
     from datasets import load_dataset
 
     try:

@@ -11,10 +11,16 @@ pre-tokenized word (a run of letters, digits, punctuation or spaces), so a docum
 longer than `MAX_TRAINING_WORD_CHARS` characters (the only places such a word can be) into pieces
 of that length; a text without such a run is fed unchanged, so ordinary corpora train exactly as
 before. Encoding is not affected: the cache encodes every text whole, in time linear in its length.
+
+Documents and prompts encode their text literally (`literal_specials`): a "<|user|>" typed inside a
+message or a prompt stays text. Special ids are placed only where documents are laid out
+(`cvfp.data.cache`) and prompts (`encode_prompt`: a new document's user turn, which the model answers
+as the assistant); `decode` shows them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,7 +28,7 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from cvfp.data.corpus import SPECIAL_TOKENS, message_contents
+from cvfp.data.corpus import BOUNDARY_TOKEN, ROLE_TOKENS, SPECIAL_TOKENS, message_contents
 from cvfp.errors import ArtifactError
 from cvfp.io import write_text
 from cvfp.runtime import progress
@@ -100,3 +106,26 @@ def special_token_ids(tokenizer: Tokenizer, origin: str | Path = "tokenizer") ->
     if missing:
         raise ArtifactError(f"{origin}: special tokens missing: {', '.join(missing)}; rerun the 'tokenizer' stage")
     return ids
+
+
+@contextlib.contextmanager
+def literal_specials(tokenizer: Tokenizer) -> Iterator[Tokenizer]:
+    """Inside the block, text that looks like a special token is encoded as text; the setting is restored after."""
+    literal_before, tokenizer.encode_special_tokens = tokenizer.encode_special_tokens, True
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.encode_special_tokens = literal_before
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """`<|endoftext|> <|user|> text <|assistant|>` as ids; text that looks like a special token stays text."""
+    special = special_token_ids(tokenizer)
+    with literal_specials(tokenizer):
+        content = tokenizer.encode(text, add_special_tokens=False).ids
+    return [special[BOUNDARY_TOKEN], special[ROLE_TOKENS["user"]], *content, special[ROLE_TOKENS["assistant"]]]
+
+
+def decode(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
+    """Text of ids with the special tokens shown (turns and document ends stay visible)."""
+    return tokenizer.decode(list(ids), skip_special_tokens=False)

@@ -2,10 +2,10 @@
 
 Run it under torchrun once per process count, then compare:
 
-    torchrun --standalone --nproc_per_node=1 -m cvfp.bench_parallel --json one.json
-    torchrun --standalone --nproc_per_node=2 -m cvfp.bench_parallel --json two.json
-    python -m cvfp.bench_parallel --compare one.json two.json      # the table, with scaling efficiency
-    torchrun --standalone --nproc_per_node=2 -m cvfp.bench_parallel --check [--same-device]
+    torchrun --standalone --nproc_per_node=1 benchmarks/bench_parallel.py --json one.json
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_parallel.py --json two.json
+    python benchmarks/bench_parallel.py --compare one.json two.json      # the table, with scaling efficiency
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_parallel.py --check [--same-device]
 
 `--check` instead compares, on this device and precision, the gradient of one Phase-1
 iteration and of one Phase-2 step computed by N processes with the one-process gradient
@@ -14,14 +14,14 @@ parameters. `--same-device` puts every process on GPU 0 with gloo, to check the 
 paths with several processes on a one-GPU machine.
 
 Each process takes one GPU (NCCL) or CPU cores (gloo) and times, after warm-up, the median of
-`--repeats` of the very code the stages run: `phase1.train_step` on its shard of `--tokens`
+`--repeats` of the very code the stages run: `phase1.jacobi_step` on its shard of `--tokens`
 (losses summed over ranks, gradients averaged), and `phase2.train_batch` on its share of a
 global batch of `--p2-batch` positions (DistributedSampler's order). The model and sizes are
-cvfp.bench's (6 blocks x 768, vocab 8192, 65,536 tokens, bf16 on CUDA). Rank 0 writes the JSON.
+benchmarks/bench.py's (6 blocks x 768, vocab 8192, 65,536 tokens, bf16 on CUDA), the
+hyperparameters the validated `phase1` and `phase2` sections' defaults. Rank 0 writes the JSON.
 
 Scaling efficiency = (rate at N processes) / (N x rate at one process), for a fixed total
 problem (strong scaling): the same 65,536 tokens per Phase-1 iteration, the same global batch.
-It imports only torch and cvfp modules that import only torch, so it runs on a bare GPU box.
 """
 
 from __future__ import annotations
@@ -35,14 +35,16 @@ from typing import Any
 
 import torch
 
+from common import (build_model, device_name, load_ids, median, model_section, prepare_phase1, prepare_phase2,
+                    resolve_precision, timed)
 from cvfp import distributed, fast, phase1, phase2
-from cvfp.bench import (build_model, device_name, load_ids, median, phase1_params, phase2_params, prepare_phase1,
-                        timed)
 from cvfp.distributed import SINGLE, Shard, World
+from cvfp.params import Phase1Params, Phase2Params
+from cvfp.runtime import resolve_device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cvfp.bench_parallel", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench_parallel.py", description=__doc__.split("\n")[0])
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--dim", type=int, default=768, help="context_dim = embed_dim")
     parser.add_argument("--vocab", type=int, default=8192)
@@ -55,9 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compare", nargs="+", metavar="JSON", help="print the table of earlier runs and exit")
     parser.add_argument("--check", action="store_true", help="compare N-process gradients with one process's")
     parser.add_argument("--same-device", action="store_true", help="every process on GPU 0, gloo (with --check)")
-    args = parser.parse_args(argv)
-    args.batch_tokens = 0  # cvfp.bench's Phase-1 chunk; set per rank below
-    return args
+    return parser.parse_args(argv)
 
 
 def global_batch(args, ids: torch.Tensor, world: World) -> int:
@@ -72,33 +72,34 @@ def _streams(args, ids: torch.Tensor, device: torch.device) -> tuple[torch.Tenso
 
 
 def _phase1_setup(args, device, precision, ids, previous, world: World):
-    """A fresh model and this rank's arguments of `phase1.train_step` after the optimizer: (model, trainable, args)."""
-    model = build_model(args, device)
+    """A fresh model and this rank's arguments of `phase1.jacobi_step`: (model, trainable, step_args)."""
+    model = build_model(model_section(args.blocks, args.dim), args.vocab, args.seed, device)
     trainable = prepare_phase1(model)
     part = Shard(ids.numel(), world)
-    params = phase1_params(args, precision)
-    params.batch_tokens = part.hi - part.lo  # one chunk per rank: the single-pass step, as the stage runs it
+    # one chunk per rank: the single-pass step, as the stage runs it
+    params = Phase1Params(batch_tokens=part.hi - part.lo, precision=precision)
     with torch.no_grad():
         embeddings = model.embed(ids[part.lo:part.hi])
     step_args = (embeddings, previous[part.lo:part.hi].contiguous(),
-                 phase1.DiversityLoss("global_deviation", 0.99, part), params, previous[part.lo - 1].clone())
+                 phase1.DiversityLoss(params.diversity, params.ema_momentum, part), params,
+                 previous[part.lo - 1].clone())
     return model, trainable, step_args
 
 
-def _phase2_setup(args, device):
-    """A fresh model with Phase 2's head and trainable set: (model, trainable)."""
-    model = build_model(args, device)
-    phase2.init_head_(model, args.seed)
-    return model, phase2.set_trainable(model, False, False)
+def _phase2_setup(args, device, precision):
+    """A fresh model with Phase 2's head and trainable set: (model, trainable, params)."""
+    model = build_model(model_section(args.blocks, args.dim), args.vocab, args.seed, device)
+    params = Phase2Params(precision=precision)
+    return model, prepare_phase2(model, params, args.seed), params
 
 
 def bench_phase1(args, device, precision, ids, world: World) -> dict[str, Any]:
     previous, _ = _streams(args, ids, device)
     model, trainable, step_args = _phase1_setup(args, device, precision, ids, previous, world)
-    optimizer = fast.adam(trainable, 0.002, device)
+    optimizer = fast.adam(trainable, step_args[3].lr, device)
 
     def iteration():
-        phase1.train_step(model, optimizer, *step_args)
+        phase1.jacobi_step(model, *step_args, optimizer=optimizer)
 
     seconds = median(timed(iteration, device, args.repeats, warmup=2))
     local = step_args[0].shape[0]
@@ -108,12 +109,11 @@ def bench_phase1(args, device, precision, ids, world: World) -> dict[str, Any]:
 
 def bench_phase2(args, device, precision, ids, world: World) -> dict[str, Any]:
     _, cstar = _streams(args, ids, device)
-    model, trainable = _phase2_setup(args, device)
-    optimizer = fast.adam(trainable, 1e-3, device)
+    model, trainable, params = _phase2_setup(args, device, precision)
+    optimizer = fast.adam(trainable, params.lr, device)
     batch = global_batch(args, ids, world)
     batches = [(b.to(device), count) for b, count in
                distributed.sampler_batches(ids.numel() - 1, batch, args.seed, 0, world) if count == batch]
-    params = phase2_params(precision)
     state = {"i": 0}
 
     def step():
@@ -137,14 +137,14 @@ def check_gradients(args, device, precision, ids, world: World) -> dict[str, Any
 
     def phase1_gradient(w: World) -> dict[str, torch.Tensor]:
         model, trainable, step_args = _phase1_setup(args, device, precision, ids, previous, w)
-        phase1.train_step(model, torch.optim.SGD(trainable, lr=0.0), *step_args)  # lr 0: keeps the gradient only
+        phase1.jacobi_step(model, *step_args, optimizer=torch.optim.SGD(trainable, lr=0.0))  # lr 0: the gradient only
         return _gradients(model)
 
     def phase2_gradient(w: World) -> dict[str, torch.Tensor]:
-        model, trainable = _phase2_setup(args, device)
+        model, trainable, params = _phase2_setup(args, device, precision)
         positions, count = next(iter(distributed.sampler_batches(ids.numel() - 1, batch, args.seed, 0, w)))
         phase2.train_batch(model, torch.optim.SGD(trainable, lr=0.0), trainable, ids, cstar, positions.to(device),
-                           count, phase2_params(precision), w)
+                           count, params, w)
         return _gradients(model)
 
     sharded = {"phase1": phase1_gradient(world), "phase2": phase2_gradient(world)}
@@ -188,19 +188,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.compare:
         print(compare(args.compare))
         return None
-    from cvfp.runtime import resolve_device
-
     device = resolve_device("auto")  # under torchrun: this process's GPU
     if args.same_device and device.type == "cuda":
         device = torch.device("cuda", 0)
     world = distributed.setup(device.type, "gloo" if args.same_device else None)
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(args.precision, device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(args.seed)
     ids, source = load_ids(args.tokens, args.vocab, args.seed)
     ids = ids.to(device)
     report: dict[str, Any] = {
-        "command": " ".join(["python -m cvfp.bench_parallel", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python benchmarks/bench_parallel.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device_name(device), "torch": torch.__version__, "world_size": world.size,
         "backend": torch.distributed.get_backend() if world.active else "none",

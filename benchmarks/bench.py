@@ -1,4 +1,4 @@
-"""Speed of the three hot stages against the seeds' plain per-token loops: `python -m cvfp.bench`.
+"""Speed of the three hot stages against the seeds' plain per-token loops: `python benchmarks/bench.py`.
 
 Builds a model of `--blocks` one-layer blocks with context_dim = embed_dim = `--dim`
 (hidden H = 2·dim) and vocabulary `--vocab` on `--tokens` token ids (the real stream from
@@ -6,7 +6,7 @@ data/cache/stream.safetensors when present, repeated to length; else seeded rand
 times on whatever device it finds, after warm-up, with the device synchronised around every
 timed region, the median of `--repeats`:
 
-- Phase 1: iteration 0 (`scan.exact_scan`) and one parallel iteration (`phase1.train_step`);
+- Phase 1: iteration 0 (`scan.exact_scan`) and one parallel iteration (`phase1.jacobi_step`);
 - C*: the exact scan, and its max abs difference from the plain scan (`model.scan`);
 - Phase 2: a training step (`phase2.train_batch`, the body of `train_phase2`'s loop) and
   evaluation (`phase2.evaluate_fixed`);
@@ -16,14 +16,16 @@ forward + backward + optimizer step per token, the seed's `_train_one_token`; C*
 `model.step` per token; Phase 2: forward + backward + step per token). The reference loops run
 on the first `--ref-tokens` tokens only and are extrapolated per token.
 
+The hyperparameters are validated params sections (`cvfp.params`): the schema's defaults,
+with the sizes and precision from the flags. Variants of the fast paths are `cvfp.fast.FastOptions`
+values passed to the library; the plain path is the library's CVFP_FAST=0 override.
+
 FLOPs (multiply-adds count 2; only the matrix products, which are all but a few percent):
   P = L·(C+E)·H, the block weights (L layers); one model step F is 2·P FLOPs per token.
   Phase 1 parallel iteration: 6·P·N (forward + backward = 3 forward); iteration 0: 2·P·N.
   Phase 2 training: 6·(P + (C+E)·V) per token (blocks + head); evaluation: 2·(P + (C+E)·V).
 MFU = those FLOPs / elapsed / the device's dense peak, measured here with the largest matrix
 product of `--precision`'s dtype (bf16 8192³ on CUDA, fp32 1024³ on the CPU).
-
-It imports only torch and cvfp modules that import only torch, so it runs on a bare GPU box.
 """
 
 from __future__ import annotations
@@ -32,33 +34,32 @@ import argparse
 import copy
 import datetime
 import json
-import math
-import os
 import platform
-import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
-from cvfp import scan as cstar_mod
-from cvfp import fast, phase1, phase2
-from cvfp.distributed import SINGLE
-from cvfp.model import CVFPModel, ModelArgs
+from common import (build_model, device_name, load_ids, median, model_section, plain_path, prepare_phase1,
+                    prepare_phase2, resolve_precision, synchronize, timed)
+from cvfp import baselines, fast, phase1, phase2, scan
+from cvfp.distributed import SINGLE, backward_and_step
+from cvfp.model import CVFPModel, trainable_parameters
+from cvfp.params import BaselinesParams, GRUBaselineParams, Phase1Params, Phase2Params
 
-CACHE = Path("data/cache/stream.safetensors")
 TARGETS = {"phase1_ratio": 200.0, "phase1_parallel_mfu": 0.45, "cstar_ratio": 100.0,
            "phase2_train_ratio": 2000.0, "phase2_train_mfu": 0.40}
+GRU_SEQ_LEN = 512  # positions per window of the GRU comparison line
+GRU_LAYERS = 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cvfp.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n")[0])
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--dim", type=int, default=768, help="context_dim = embed_dim")
     parser.add_argument("--vocab", type=int, default=8192)
@@ -86,96 +87,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds of each of `repeats` calls of fn after `warmup` calls, device synchronised around each."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    seconds = []
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        fn()
-        synchronize(device)
-        seconds.append(time.perf_counter() - tick)
-    return seconds
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def measure_peak(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """The dense matrix-product rate this device reaches: median of square products, two input sets rotated."""
-    n = 8192 if device.type == "cuda" else 1024
-    generator = torch.Generator(device=device).manual_seed(0)
-    pairs = [(torch.randn(n, n, device=device, dtype=dtype, generator=generator),
-              torch.randn(n, n, device=device, dtype=dtype, generator=generator)) for _ in range(2)]
-    state = {"i": 0}
-
-    def product():
-        a, b = pairs[state["i"] % 2]
-        state["i"] += 1
-        torch.mm(a, b)
-
-    seconds = median(timed(product, device, repeats=20 if device.type == "cuda" else 5, warmup=3))
-    return {"tflops": 2 * n ** 3 / seconds / 1e12, "dtype": str(dtype).replace("torch.", ""),
-            "method": f"torch.mm {n}x{n}x{n}, random inputs, median"}
-
-
-def load_ids(tokens: int, vocab: int, seed: int) -> tuple[torch.Tensor, str]:
-    """`tokens` ids: the cached real stream (repeated to length, ids mod vocab) when present, else random."""
-    if CACHE.is_file():
-        try:
-            from safetensors.torch import load_file
-
-            stream = load_file(str(CACHE))["ids"].long()
-            reps = math.ceil(tokens / stream.numel())
-            ids = stream.repeat(reps)[:tokens] % vocab
-            return ids, f"{CACHE} ({stream.numel()} real tokens{', repeated' if reps > 1 else ''})"
-        except Exception as err:  # no safetensors or an unreadable file: fall back to random ids
-            print(f"bench: could not read {CACHE} ({err}); using random ids", file=sys.stderr)
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (tokens,), generator=generator), f"random ids (seed {seed})"
-
-
-def build_model(args: argparse.Namespace, device: torch.device) -> CVFPModel:
-    torch.manual_seed(args.seed)
-    return CVFPModel(ModelArgs(vocab_size=args.vocab, context_dim=args.dim, embed_dim=args.dim,
-                               hidden_dim=2 * args.dim, layer_structure=[1] * args.blocks)).to(device)
-
-
-def phase1_params(args: argparse.Namespace, precision: str) -> SimpleNamespace:
-    """The `phase1` section fields train_step reads (params.yaml defaults), without pydantic."""
-    return SimpleNamespace(batch_tokens=args.batch_tokens or args.tokens, precision=precision, dist_reg_weight=0.9,
-                           recon_weight=0.0, grad_clip=1.0, lr=0.002, diversity="global_deviation", ema_momentum=0.99)
-
-
-def phase2_params(precision: str) -> SimpleNamespace:
-    """The `phase2` section fields phase2.train_batch reads (params.yaml defaults), without pydantic."""
-    return SimpleNamespace(context_mode="stability", context_stability_weight=1.0, precision=precision, grad_clip=1.0)
-
-
-def prepare_phase1(model: CVFPModel) -> list[nn.Parameter]:
-    """What train_phase1 does before iterating: zero frozen head, frozen embedding."""
-    model.zero_head_()
-    model.token_embedding.requires_grad_(False)
-    model.embed_norm.requires_grad_(False)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 # ---------- the plain references: per-token eager loops in float32, as the seeds wrote them
 
 def reference_phase1_iteration(model: CVFPModel, embeddings: torch.Tensor, previous: torch.Tensor,
-                               tokens: int, device: torch.device) -> float:
+                               tokens: int, device: torch.device, params: Phase1Params) -> float:
     """Seconds per token of the seed's `_train_one_token` loop: one forward, backward and Adam step per token."""
     trainable = prepare_phase1(model)
-    optimizer = torch.optim.Adam(trainable, lr=0.002)
-    weight, momentum = 0.9, 0.99
+    optimizer = torch.optim.Adam(trainable, lr=params.lr)
+    weight, momentum = params.dist_reg_weight, params.ema_momentum
     state: dict[str, torch.Tensor] = {}
     context = previous[-1:].clone()
 
@@ -195,7 +114,7 @@ def reference_phase1_iteration(model: CVFPModel, embeddings: torch.Tensor, previ
         total = (1 - weight) * cvfp + weight * diversity
         optimizer.zero_grad()
         total.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
         optimizer.step()
         return new_context
 
@@ -210,11 +129,10 @@ def reference_phase1_iteration(model: CVFPModel, embeddings: torch.Tensor, previ
 
 
 def reference_phase2(model: CVFPModel, ids: torch.Tensor, cstar: torch.Tensor, tokens: int,
-                     device: torch.device, train: bool) -> float:
+                     device: torch.device, train: bool, params: Phase2Params, seed: int) -> float:
     """Seconds per token of a per-token Phase-2 loop: forward (+ backward + Adam step when training)."""
-    phase2.init_head_(model, 0)
-    trainable = phase2.set_trainable(model, False, False)
-    optimizer = torch.optim.Adam(trainable, lr=1e-3)
+    trainable = prepare_phase2(model, params, seed)
+    optimizer = torch.optim.Adam(trainable, lr=params.lr)
     zero = torch.zeros(1, cstar.shape[1], device=device)
     nats = torch.zeros((), device=device)
 
@@ -223,11 +141,12 @@ def reference_phase2(model: CVFPModel, ids: torch.Tensor, cstar: torch.Tensor, t
         context_in = cstar[t - 1:t] if t > 0 else zero
         context_out, token_out = model.step(context_in, model.embed(ids[t:t + 1]))
         logits = model.logits(context_out, token_out)
-        loss = F.cross_entropy(logits, ids[t + 1:t + 2]) + F.mse_loss(context_out, cstar[t:t + 1])
+        loss = (F.cross_entropy(logits, ids[t + 1:t + 2])
+                + params.context_stability_weight * F.mse_loss(context_out, cstar[t:t + 1]))
         if train:
             optimizer.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
             optimizer.step()
         else:
             nats = nats + loss.detach()
@@ -247,27 +166,29 @@ def reference_phase2(model: CVFPModel, ids: torch.Tensor, cstar: torch.Tensor, t
 
 def bench_phase1(args, device, precision, ids, report) -> torch.Tensor:
     """Iteration 0 and parallel iterations; returns the scan's contexts (reused as C*)."""
-    model = build_model(args, device)
+    model = build_model(model_section(args.blocks, args.dim), args.vocab, args.seed, device)
     reference_model = copy.deepcopy(model).float()
+    params = Phase1Params(batch_tokens=args.batch_tokens or args.tokens, precision=precision)
     trainable = prepare_phase1(model)
-    optimizer = {"adam": fast.adam(trainable, 0.002, device)}  # as train_phase1 builds it
-    params = phase1_params(args, precision)
+    optimizer = fast.adam(trainable, params.lr, device)  # as train_phase1 builds it
     with torch.no_grad():
         embeddings = model.embed(ids)
     n = embeddings.shape[0]
 
-    fast_scan = lambda: cstar_mod.exact_scan(model, embeddings)  # noqa: E731
-    cstar_mod.exact_scan(model, embeddings[:4 * cstar_mod.GRAPH_TOKENS])  # warm-up
-    scan_seconds = median(timed(fast_scan, device, args.scan_repeats, warmup=0))
-    contexts = cstar_mod.exact_scan(model, embeddings)
+    scan.exact_scan(model, embeddings[:4 * scan.GRAPH_TOKENS])  # warm-up
+    scan_seconds = median(timed(lambda: scan.exact_scan(model, embeddings), device, args.scan_repeats, warmup=0))
+    contexts = scan.exact_scan(model, embeddings)
 
     diversity = phase1.DiversityLoss(params.diversity, params.ema_momentum)
     state = {"previous": contexts}
 
-    def iteration():
-        state["previous"], _, _ = phase1.train_step(model, optimizer["adam"], embeddings, state["previous"], diversity,
-                                                    params)
+    def iterations(adam: torch.optim.Optimizer, options: fast.FastOptions = fast.DEFAULT):
+        def iteration():
+            state["previous"], _, _ = phase1.jacobi_step(model, embeddings, state["previous"], diversity, params,
+                                                         optimizer=adam, options=options)
+        return iteration
 
+    iteration = iterations(optimizer)
     tick = time.perf_counter()
     iteration()  # compiles on CUDA
     synchronize(device)
@@ -287,47 +208,36 @@ def bench_phase1(args, device, precision, ids, report) -> torch.Tensor:
            "batch_tokens": params.batch_tokens, "precision": precision}
 
     if not args.no_variants:
-        os.environ["CVFP_FAST"] = "0"  # the plain pipeline path on this device: two passes, eager, same chunk
-        try:
+        with plain_path():  # the plain pipeline path on this device: two passes, eager, same chunk
             out["plain_path_parallel_iteration_seconds"] = median(timed(iteration, device, max(2, args.repeats // 2)))
-        finally:
-            os.environ.pop("CVFP_FAST")
         if fast.enabled(device) and precision == "bf16":
-            fast.BF16_STREAM = False  # compiled, single pass, but the residual stream in float32 (autocast only)
-            try:
-                out["autocast_only_parallel_iteration_seconds"] = median(timed(iteration, device, args.repeats, 1))
-            finally:
-                fast.BF16_STREAM = True
-            fast.FUSED_STEP = False  # the previous step: foreach Adam, the skip decided on the host, eager losses
-            fused, optimizer["adam"] = optimizer["adam"], fast.adam(trainable, 0.002, device)
-            try:
-                out["unfused_step_parallel_iteration_seconds"] = median(timed(iteration, device, args.repeats, 1))
-            finally:
-                fast.FUSED_STEP = True
-                optimizer["adam"] = fused
+            # compiled, single pass, but the residual stream in float32 (autocast only)
+            autocast_only = iterations(optimizer, fast.FastOptions(bf16_stream=False))
+            out["autocast_only_parallel_iteration_seconds"] = median(timed(autocast_only, device, args.repeats, 1))
+            # the previous step: foreach Adam, the skip decided on the host, eager losses
+            unfused = fast.FastOptions(fused_step=False)
+            unfused_step = iterations(fast.adam(trainable, params.lr, device, unfused), unfused)
+            out["unfused_step_parallel_iteration_seconds"] = median(timed(unfused_step, device, args.repeats, 1))
 
     if precision == "bf16":  # how far the bf16 fast pass lands from float32 (‖Δ‖ / ‖ref‖)
         inputs = phase1.shifted_inputs(state["previous"])
         got = phase1.parallel_pass(model, embeddings, inputs, params.batch_tokens, precision)
-        os.environ["CVFP_FAST"] = "0"
-        try:
+        with plain_path():
             exact = phase1.parallel_pass(model, embeddings, inputs, params.batch_tokens, "fp32")
-        finally:
-            os.environ.pop("CVFP_FAST")
         out["bf16_relative_error_vs_fp32"] = float((got - exact).norm() / exact.norm())
 
     ref_tokens = min(args.ref_tokens, n - 8)
     with torch.no_grad():
         ref_embeddings = reference_model.embed(ids[:ref_tokens + 8])
     ref_train = reference_phase1_iteration(reference_model, ref_embeddings, contexts[:ref_tokens + 8].float(),
-                                           ref_tokens, device)
+                                           ref_tokens, device, params)
     out["reference"] = {"train_seconds_per_token": ref_train, "tokens_timed": ref_tokens}
     report["phase1"] = out
     return contexts
 
 
 def bench_cstar(args, device, ids, report) -> None:
-    model = build_model(args, device)
+    model = build_model(model_section(args.blocks, args.dim), args.vocab, args.seed, device)
     with torch.no_grad():
         embeddings = model.embed(ids)
     n = embeddings.shape[0]
@@ -339,9 +249,9 @@ def bench_cstar(args, device, ids, report) -> None:
     synchronize(device)
     ref_per_token = (time.perf_counter() - tick) / check
 
-    cstar_mod.exact_scan(model, embeddings[:4 * cstar_mod.GRAPH_TOKENS])
-    seconds = median(timed(lambda: cstar_mod.exact_scan(model, embeddings), device, args.scan_repeats, warmup=0))
-    exact = cstar_mod.exact_scan(model, embeddings[:check])
+    scan.exact_scan(model, embeddings[:4 * scan.GRAPH_TOKENS])
+    seconds = median(timed(lambda: scan.exact_scan(model, embeddings), device, args.scan_repeats, warmup=0))
+    exact = scan.exact_scan(model, embeddings[:check])
     out = {"seconds": seconds, "tokens": n, "tokens_per_second": n / seconds,
            "microseconds_per_token": 1e6 * seconds / n,
            "max_abs_diff_vs_plain": float((exact - plain).abs().max()), "compared_tokens": check,
@@ -351,15 +261,12 @@ def bench_cstar(args, device, ids, report) -> None:
     out["ratio"] = ref_per_token / (seconds / n)
     if not args.no_variants:
         variants = out["variants"]
-        os.environ["CVFP_FAST"] = "0"
-        try:  # the previous pipeline path on this device: TorchScript loop, one launch per op
-            plain_seconds = median(timed(lambda: cstar_mod.exact_scan(model, embeddings[:check]), device, 1))
+        with plain_path():  # the previous pipeline path on this device: TorchScript loop, one launch per op
+            plain_seconds = median(timed(lambda: scan.exact_scan(model, embeddings[:check]), device, 1))
             variants["torchscript_microseconds_per_token"] = 1e6 * plain_seconds / check
-        finally:
-            os.environ.pop("CVFP_FAST")
         if fast.enabled(device):
             try:
-                compiled = lambda m: cstar_mod.graph_scan(model, embeddings[:m], compiled_step=True)  # noqa: E731
+                compiled = lambda m: scan.graph_scan(model, embeddings[:m], compiled_step=True)  # noqa: E731
                 got = compiled(check)
                 variants["compiled_graph_max_abs_diff_vs_plain"] = float((got - plain).abs().max())
                 cseconds = median(timed(lambda: compiled(n), device, args.scan_repeats, warmup=0))
@@ -370,24 +277,27 @@ def bench_cstar(args, device, ids, report) -> None:
 
 
 def bench_phase2(args, device, precision, ids, cstar, report) -> None:
-    model = build_model(args, device)
+    model = build_model(model_section(args.blocks, args.dim), args.vocab, args.seed, device)
     reference_model = copy.deepcopy(model).float()
-    phase2.init_head_(model, args.seed)
-    trainable = phase2.set_trainable(model, False, False)
-    optimizer = fast.adam(trainable, 1e-3, device)  # as train_phase2 builds it
+    params = Phase2Params(precision=precision)
+    trainable = prepare_phase2(model, params, args.seed)
+    optimizer = fast.adam(trainable, params.lr, device)  # as train_phase2 builds it
     n = ids.shape[0]
     batch = min(args.p2_batch, n - 1)
     generator = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(n - 1, generator=generator).to(device)
     batches = order[:(n - 1) // batch * batch].split(batch)
     state = {"i": 0}
-    params = phase2_params(precision)
 
-    def train_batch():  # the body of train_phase2's loop
-        positions = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        phase2.train_batch(model, optimizer, trainable, ids, cstar, positions, positions.numel(), params, SINGLE)
+    def train_steps(options: fast.FastOptions = fast.DEFAULT):
+        def train_batch():  # the body of train_phase2's loop
+            positions = batches[state["i"] % len(batches)]
+            state["i"] += 1
+            phase2.train_batch(model, optimizer, trainable, ids, cstar, positions, positions.numel(), params, SINGLE,
+                               options)
+        return train_batch
 
+    train_batch = train_steps()
     tick = time.perf_counter()
     train_batch()
     synchronize(device)
@@ -395,7 +305,8 @@ def bench_phase2(args, device, precision, ids, cstar, report) -> None:
     step_seconds = median(timed(train_batch, device, args.repeats, warmup=1))
     per_token = report["flops"]["P"] + report["flops"]["head"]
     peak = report["peak"]["tflops"] * 1e12
-    evaluate = lambda: phase2.evaluate_fixed(model, ids, cstar, args.eval_batch, "stability", precision)  # noqa: E731
+    evaluate = lambda: phase2.evaluate_fixed(model, ids, cstar, args.eval_batch, params.context_mode,  # noqa: E731
+                                             precision)
     tick = time.perf_counter()
     evaluate()
     synchronize(device)
@@ -408,17 +319,11 @@ def bench_phase2(args, device, precision, ids, cstar, report) -> None:
            "eval_tokens_per_second": (n - 1) / eval_seconds, "eval_mfu": 2 * per_token * (n - 1) / eval_seconds / peak,
            "precision": precision}
     if not args.no_variants:
-        os.environ["CVFP_FAST"] = "0"
-        try:
+        with plain_path():
             out["plain_path_train_step_seconds"] = median(timed(train_batch, device, max(2, args.repeats // 2)))
-        finally:
-            os.environ.pop("CVFP_FAST")
         if fast.enabled(device) and precision == "bf16":
-            fast.BF16_STREAM = False
-            try:
-                out["autocast_only_train_step_seconds"] = median(timed(train_batch, device, args.repeats, 1))
-            finally:
-                fast.BF16_STREAM = True
+            autocast_only = train_steps(fast.FastOptions(bf16_stream=False))
+            out["autocast_only_train_step_seconds"] = median(timed(autocast_only, device, args.repeats, 1))
             small = batch // 4  # how the rate falls with the batch (the optimizer step is per batch)
             if small >= 1024:
                 batches = order[:small].split(small)
@@ -427,8 +332,10 @@ def bench_phase2(args, device, precision, ids, cstar, report) -> None:
                                         "mfu": 6 * per_token * small / seconds / peak}
 
     ref_tokens = min(args.ref_tokens, n - 2)
-    ref_train = reference_phase2(copy.deepcopy(reference_model), ids, cstar.float(), ref_tokens, device, train=True)
-    ref_eval = reference_phase2(reference_model, ids, cstar.float(), min(2 * ref_tokens, n - 2), device, train=False)
+    ref_train = reference_phase2(copy.deepcopy(reference_model), ids, cstar.float(), ref_tokens, device, True,
+                                 params, args.seed)
+    ref_eval = reference_phase2(reference_model, ids, cstar.float(), min(2 * ref_tokens, n - 2), device, False,
+                                params, args.seed)
     out["reference"] = {"train_seconds_per_token": ref_train, "eval_seconds_per_token": ref_eval,
                         "tokens_timed": ref_tokens, "eval_tokens_timed": min(2 * ref_tokens, n - 2)}
     out["train_ratio"] = out["train_tokens_per_second"] * ref_train
@@ -438,20 +345,23 @@ def bench_phase2(args, device, precision, ids, cstar, report) -> None:
 
 def bench_tuning(args, device, precision, ids, report) -> None:
     """Where a parallel Phase-1 iteration spends its time (profiler), and inductor's max-autotune mode."""
-    model = build_model(args, device)
+    model = build_model(model_section(args.blocks, args.dim), args.vocab, args.seed, device)
+    params = Phase1Params(batch_tokens=args.batch_tokens or args.tokens, precision=precision)
     trainable = prepare_phase1(model)
-    optimizer = fast.adam(trainable, 0.002, device)
-    params = phase1_params(args, precision)
+    optimizer = fast.adam(trainable, params.lr, device)
     with torch.no_grad():
         embeddings = model.embed(ids)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     previous = torch.randn(embeddings.shape[0], args.dim, device=device, generator=generator)
     diversity = phase1.DiversityLoss(params.diversity, params.ema_momentum)
-    iteration = lambda: phase1.train_step(model, optimizer, embeddings, previous, diversity, params)  # noqa: E731
+
+    def iterations(options: fast.FastOptions):
+        return lambda: phase1.jacobi_step(model, embeddings, previous, diversity, params, optimizer=optimizer,
+                                          options=options)
+
+    iteration = iterations(fast.DEFAULT)
     out: dict[str, Any] = {}
     timed(iteration, device, 1, warmup=2)
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         iteration()
         synchronize(device)
@@ -463,64 +373,38 @@ def bench_tuning(args, device, precision, ids, report) -> None:
                       "top": [(e.key[:90], round(e.self_device_time_total / 1e3, 3), e.count)
                               for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:14]]}
     report["tuning"] = out
-    fast.COMPILE_MODE = "max-autotune-no-cudagraphs"
-    try:
-        tick = time.perf_counter()
-        iteration()
-        synchronize(device)
-        out["max_autotune_first_call_seconds"] = time.perf_counter() - tick
-        seconds = median(timed(iteration, device, args.repeats, warmup=1))
-        out["max_autotune_parallel_iteration_seconds"] = seconds
-        out["max_autotune_parallel_mfu"] = 6 * report["flops"]["P"] * embeddings.shape[0] / seconds / (
-            report["peak"]["tflops"] * 1e12)
-    finally:
-        fast.COMPILE_MODE = None
-
-
-class GRULanguageModel(nn.Module):
-    """Embedding -> 2-layer GRU -> vocabulary head, for the comparison line."""
-
-    def __init__(self, vocab: int, embed: int, hidden: int):
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, embed)
-        self.gru = nn.GRU(embed, hidden, num_layers=2, batch_first=True)
-        self.head = nn.Linear(hidden, vocab)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.gru(self.embedding(ids))[0])
+    autotuned = iterations(fast.FastOptions(compile_mode="max-autotune-no-cudagraphs"))
+    tick = time.perf_counter()
+    autotuned()
+    synchronize(device)
+    out["max_autotune_first_call_seconds"] = time.perf_counter() - tick
+    seconds = median(timed(autotuned, device, args.repeats, warmup=1))
+    out["max_autotune_parallel_iteration_seconds"] = seconds
+    out["max_autotune_parallel_mfu"] = 6 * report["flops"]["P"] * embeddings.shape[0] / seconds / (
+        report["peak"]["tflops"] * 1e12)
 
 
 def bench_gru(args, device, precision, ids, report) -> None:
-    """Tokens per second of a GRU LM with as many trainable parameters as Phase 2 trains."""
-    target = report["phase2_trainable_parameters"]
-    hidden = 16
-    while sum(p.numel() for p in GRULanguageModel(args.vocab, args.dim, hidden + 16).parameters()) <= target:
-        hidden += 16
-    model = GRULanguageModel(args.vocab, args.dim, hidden).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    seq = 512
+    """Tokens per second of the baselines stage's GRU LM, sized to as many trainable parameters as Phase 2 trains."""
+    params = BaselinesParams(seq_len=GRU_SEQ_LEN, gru=GRUBaselineParams(layers=GRU_LAYERS))
+    width, _ = baselines.match_width("gru", report["phase2_trainable_parameters"], args.vocab, params)
+    model = baselines.build("gru", baselines.baseline_args("gru", width, args.vocab, params)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.gru.lr)  # as train_baseline builds it
+    seq = params.seq_len
     rows = max(1, min(args.p2_batch, ids.shape[0] - 1) // seq)
     inputs = ids[:rows * seq].reshape(rows, seq)
     targets = ids[1:rows * seq + 1].reshape(rows, seq)
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(inputs)
+    def step():  # train_baseline's step on a full batch (no padded targets)
+        with fast.autocast(device, precision):
+            logits, _ = model(inputs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        backward_and_step(loss, optimizer, list(model.parameters()), params.grad_clip, SINGLE)
 
     seconds = median(timed(step, device, args.repeats, warmup=2))
-    report["gru"] = {"hidden": hidden, "layers": 2, "parameters": sum(p.numel() for p in model.parameters()),
+    report["gru"] = {"width": width, "layers": params.gru.layers, "parameters": trainable_parameters(model),
                      "batch": [rows, seq], "train_tokens_per_second": rows * seq / seconds,
                      "backend": "cuDNN" if device.type == "cuda" else "torch CPU", "precision": precision}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def summarise(report: dict[str, Any]) -> None:
@@ -583,13 +467,29 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def measure_peak(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The dense matrix-product rate this device reaches: median of square products, two input sets rotated."""
+    n = 8192 if device.type == "cuda" else 1024
+    generator = torch.Generator(device=device).manual_seed(0)
+    pairs = [(torch.randn(n, n, device=device, dtype=dtype, generator=generator),
+              torch.randn(n, n, device=device, dtype=dtype, generator=generator)) for _ in range(2)]
+    state = {"i": 0}
+
+    def product():
+        a, b = pairs[state["i"] % 2]
+        state["i"] += 1
+        torch.mm(a, b)
+
+    seconds = median(timed(product, device, repeats=20 if device.type == "cuda" else 5, warmup=3))
+    return {"tflops": 2 * n ** 3 / seconds / 1e12, "dtype": str(dtype).replace("torch.", ""),
+            "method": f"torch.mm {n}x{n}x{n}, random inputs, median"}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else \
+        torch.device(args.device)
+    precision = resolve_precision(args.precision, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 (the references, the exact scan)
@@ -603,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ids, source = load_ids(args.tokens, args.vocab, args.seed)
     ids = ids.to(device)
     report: dict[str, Any] = {
-        "command": " ".join(["python -m cvfp.bench", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python benchmarks/bench.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
         "fast_paths": fast.enabled(device),
@@ -612,10 +512,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "flops": flops, "errors": {}}
     peak_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     report["peak"] = measure_peak(device, peak_dtype)
-    probe = build_model(args, torch.device("cpu"))
-    report["phase2_trainable_parameters"] = sum(p.numel() for name, p in probe.named_parameters()
-                                                if not name.startswith("context_decoder"))
-    del probe
+    report["phase2_trainable_parameters"] = baselines.cvfp_trainable_parameters(
+        model_section(args.blocks, args.dim), Phase2Params(precision=precision), args.vocab)
 
     path = Path(args.json or f"metrics/timing/bench-{device.type}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -637,9 +535,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["errors"][name] = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=6)}"
         save(name)
     if cstar_contexts is None:
+        model = build_model(model_section(args.blocks, args.dim), args.vocab, args.seed, device)
         with torch.no_grad():
-            model = build_model(args, device)
-            cstar_contexts = cstar_mod.exact_scan(model, model.embed(ids))
+            cstar_contexts = scan.exact_scan(model, model.embed(ids))
     try:
         bench_phase2(args, device, precision, ids, cstar_contexts.float(), report)
     except Exception as err:
