@@ -305,8 +305,11 @@ def bench_phase2(args, device, precision, ids, cstar, report) -> None:
     step_seconds = median(timed(train_batch, device, args.repeats, warmup=1))
     per_token = report["flops"]["P"] + report["flops"]["head"]
     peak = report["peak"]["tflops"] * 1e12
-    evaluate = lambda: phase2.evaluate_fixed(model, ids, cstar, args.eval_batch, params.context_mode,  # noqa: E731
-                                             precision)
+    # every prediction scored, one byte each: the counting work of a split whose predictions all count
+    scored = torch.ones(n - 1, dtype=torch.bool, device=ids.device)
+    target_bytes = torch.ones(n - 1, dtype=torch.int64, device=ids.device)
+    evaluate = lambda: phase2.evaluate_fixed(model, ids, cstar, scored, target_bytes,  # noqa: E731
+                                             args.eval_batch, params.context_mode, precision)
     tick = time.perf_counter()
     evaluate()
     synchronize(device)

@@ -4,7 +4,8 @@ import torch
 
 from cvfp import distributed
 from cvfp.baselines import (KINDS, baseline_args, build, cvfp_trainable_parameters, match_width, save_baseline,
-                            train_baseline)
+                            train_baseline, validation_counts)
+from cvfp.metrics import finite_or_none, format_number, next_token_metrics
 from cvfp.data.carve import load_split
 from cvfp.io import sha256_file, write_csv, write_json
 from cvfp.runtime import resolve_device
@@ -21,7 +22,7 @@ def body(params, run):
     say = distributed.main_only(print, world)
     train = load_split("data/splits/train.safetensors", TOKENIZER)
     val = load_split("data/splits/val.safetensors", TOKENIZER)
-    val_bytes = int(val.doc_bytes.sum())
+    test = load_split("data/splits/test.safetensors", TOKENIZER)
     target = cvfp_trainable_parameters(params.model, params.phase2, train.vocab_size)
     budget = params.baselines.budget_tokens or params.phase2.epochs * (train.ids.numel() - 1)
     rule = "baselines.budget_tokens" if params.baselines.budget_tokens else \
@@ -40,11 +41,15 @@ def body(params, run):
         torch.manual_seed(params.seed)  # each model's initialisation independent of the other's
         model = build(kind, baseline_args(kind, width, train.vocab_size, params.baselines)).to(device)
         lr = getattr(params.baselines, kind).lr
-        result = train_baseline(model, train.ids, val.ids, val_bytes, params.baselines, lr, budget, params.seed, kind)
+        result = train_baseline(model, train.ids, val.ids, val.scored, val.target_bytes, params.baselines, lr, budget,
+                                params.seed, kind)
         if not world.is_main:  # rank 0 writes every output
             continue
-        summaries[kind] = {**result.summary, "cvfp_trainable_parameters": target,
-                           "parameter_ratio": count / target, "lr": lr}
+        # test is scored once, with the weights validation chose
+        tested = next_token_metrics(validation_counts(model, test.ids, test.scored, test.target_bytes,
+                                                      params.baselines.seq_len, params.baselines.batch_size))
+        summaries[kind] = {**result.summary, "test": {k: finite_or_none(v) for k, v in tested.items()},
+                           "cvfp_trainable_parameters": target, "parameter_ratio": count / target, "lr": lr}
         curves[kind] = result.history
         timing[f"{kind}_seconds"] = result.timing["seconds"]
         timing[f"{kind}_train_tokens_per_second"] = result.timing["train_tokens_per_second"]
@@ -53,7 +58,7 @@ def body(params, run):
     if not world.is_main:
         return
     rows = _side_by_side(curves)
-    write_json("metrics/baselines.json", {**summaries, "val_bytes": val_bytes, "budget_tokens": budget})
+    write_json("metrics/baselines.json", {**summaries, "budget_tokens": budget})
     write_csv("metrics/baselines_epochs.csv", rows)
     run.log_metrics(summaries)
     run.log_curves(rows, "epoch")
@@ -61,8 +66,9 @@ def body(params, run):
     timing["seconds"] = sum(timing[f"{kind}_seconds"] for kind in KINDS)
     report_timing("baselines", run, timing)
     for kind, s in summaries.items():
-        print(f"{kind}: best epoch {s['best_epoch']}/{s['epochs_run']}, val loss {s['best']['val_loss']:.4f}, "
-              f"bpb {s['best']['val_bpb']:.4f}, {s['train_tokens_seen']}/{budget} tokens, {timing[f'{kind}_seconds']:.1f}s")
+        print(f"{kind}: best epoch {s['best_epoch']}/{s['epochs_run']}, val loss {format_number(s['best']['val_loss'])}, "
+              f"val bpb {format_number(s['best']['val_bpb'])}, test bpb {format_number(s['test']['bpb'])}, "
+              f"{s['train_tokens_seen']}/{budget} tokens, {timing[f'{kind}_seconds']:.1f}s")
 
 
 def _side_by_side(curves):

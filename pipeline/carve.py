@@ -1,33 +1,45 @@
-"""DVC stage `carve`: the stream's tail becomes validation, the rest training (SPEC section 3)."""
+"""DVC stage `carve`: the stream's tail becomes validation, then test; the rest training (SPEC section 3)."""
 
 from cvfp.data.cache import load_stream
-from cvfp.data.carve import carve, save_splits
+from cvfp.data.carve import carve, require_split, save_splits
+from cvfp.data.tokenizer import load_tokenizer, token_byte_lengths
 from cvfp.io import write_json
 from cvfp.stage import run_stage
 
 TOKENIZER = "data/tokenizer/tokenizer.json"
+SPLIT = "data/tokenizer/split.json"
 STREAM = "data/cache/stream.safetensors"
 TRAIN = "data/splits/train.safetensors"
 VAL = "data/splits/val.safetensors"
+TEST = "data/splits/test.safetensors"
 METRICS = "metrics/data.json"
 
 
 def body(params, run):
     stream = load_stream(STREAM, TOKENIZER)
-    result = carve(stream, **params.carve.model_dump())
+    require_split(SPLIT, stream, params.carve.val_fraction, params.carve.test_fraction)
+    token_bytes = token_byte_lengths(load_tokenizer(TOKENIZER), TOKENIZER)
+    result = carve(stream, token_bytes, **params.carve.model_dump())
 
-    save_splits(result, TRAIN, VAL)
+    save_splits(result, TRAIN, VAL, TEST)
     metrics = result.metrics()
     write_json(METRICS, metrics)
     run.log_metrics(metrics)
     run.log_artifact(METRICS)
     m = metrics
-    print(f"carve ({params.carve.unseen}): train {m['train_tokens']} tokens / {m['train_docs']} docs, "
-          f"val {m['val_tokens']} tokens / {m['val_docs']} docs "
-          f"({m['val_docs_dropped']}/{result.val_docs_before_drop} docs dropped for unseen ids)")
-    print(f"val coverage {100 * result.val_coverage:.2f}% "
-          f"({result.val_tokens_covered}/{result.val_tokens_before_drop} tokens), "
-          f"{m['val_unseen_ids']} ids unseen in train")
+    print(f"carve (unseen: {m['unseen_policy']}): train {m['train_tokens']} tokens / {m['train_docs']} docs, "
+          f"val {m['val_tokens']} / {m['val_docs']}, test {m['test_tokens']} / {m['test_docs']}")
+    for part in ("train", "val", "test"):
+        line = (f"  {part}: {m[f'{part}_scored_predictions']}/{m[f'{part}_predictions']} predictions scored, "
+                f"{m[f'{part}_scored_bytes']}/{m[f'{part}_bytes']} bytes")
+        if part != "train":
+            before = m[f"{part}_tokens"] + m[f"{part}_tokens_dropped"]
+            line += (f"; coverage {100 * m[f'{part}_coverage']:.2f}% ({m[f'{part}_tokens_covered']}/{before} tokens), "
+                     f"{m[f'{part}_unseen_ids']} ids unseen in train; "
+                     f"{m[f'{part}_predictions_masked']}/{m[f'{part}_predictions']} predictions masked, "
+                     f"{m[f'{part}_docs_dropped']}/{m[f'{part}_docs'] + m[f'{part}_docs_dropped']} docs and "
+                     f"{m[f'{part}_tokens_dropped']}/{before} tokens dropped")
+        print(line)
 
 
 if __name__ == "__main__":

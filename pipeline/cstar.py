@@ -21,7 +21,7 @@ def body(params, run):
     require_fresh(PHASE1, "phase1", {TOKENIZER: (payload.get("tokenizer_sha256"), tokenizer_sha256)}, unrecorded_ok=True)
     dim = model.context_dim
     metrics, timing = {"context_dim": dim}, {}
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         data = load_split(f"data/splits/{split}.safetensors", TOKENIZER)
         tick = time.perf_counter()
         contexts = generate_cstar(model, data.ids, device, progress_desc=f"cstar {split}")

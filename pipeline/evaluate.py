@@ -2,7 +2,7 @@
 
 from cvfp.cstar import load_cstar
 from cvfp.data.carve import load_split
-from cvfp.evaluate import context_mode_of, evaluate_all, json_ready, results_table
+from cvfp.evaluate import HeldOut, context_mode_of, evaluate_all, json_ready, results_table
 from cvfp.io import require_fresh, sha256_file, write_csv, write_json
 from cvfp.model import load_model
 from cvfp.plots import evaluation_plots
@@ -24,14 +24,18 @@ def body(params, run):
                                      "Phase-1 checkpoint": (final_payload.get("phase1_sha256"), sha256_file(PHASE1))},
                   unrecorded_ok=True)
     context_mode = context_mode_of(final_payload, PHASE2)
-    val = load_split("data/splits/val.safetensors", TOKENIZER)
+    held_out = {}
+    for name in ("test", "val"):
+        split = load_split(f"data/splits/{name}.safetensors", TOKENIZER)
+        held_out[name] = HeldOut(split.ids, load_cstar(f"data/cstar/{name}.safetensors", PHASE1), split.scored,
+                                 split.target_bytes)
+        print(f"evaluate on {device}: {name} {split.ids.numel()} tokens, {int(split.scored.sum())}/"
+              f"{split.ids.numel() - 1} scored predictions, context_mode {context_mode}")
+    train = load_split("data/splits/train.safetensors", TOKENIZER)
     train_cstar = load_cstar("data/cstar/train.safetensors", PHASE1)
-    val_cstar = load_cstar("data/cstar/val.safetensors", PHASE1)
-    val_bytes = int(val.doc_bytes.sum())
-    print(f"evaluate on {device}: {val.ids.numel()} val tokens, {val_bytes} val bytes, context_mode {context_mode}")
 
-    result = evaluate_all(final_model, phase1_model, context_mode, val.ids, val_bytes, train_cstar, val_cstar,
-                          params.evaluate, params.seed)
+    result = evaluate_all(final_model, phase1_model, context_mode, held_out, train.ids, train_cstar, params.evaluate,
+                          params.seed)
 
     metrics = json_ready(result.metrics)
     write_json("metrics/eval.json", metrics)

@@ -3,7 +3,6 @@
 from cvfp import distributed
 from cvfp.data.carve import load_split
 from cvfp.io import sha256_file, write_csv, write_json
-from cvfp.metrics import format_rank, format_rate
 from cvfp.model import CVFPModel, ModelArgs, save_model, trainable_parameters
 from cvfp.params import flatten
 from cvfp.phase1 import train_phase1
@@ -49,13 +48,6 @@ def body(params, run):
     report_timing("phase1", run, result.timing)
     remove(RESUME)
 
-    dim = result.summary["context_dim"]
-    for split in ("train", "val"):
-        s = result.summary[split]
-        line = f"{split}: Effective Rank: {format_rank(s['effective_rank'], dim)}"
-        if "converged_tokens" in s:
-            line += f", convergence {format_rate(s['converged_tokens'], s['tokens'])}"
-        print(line)
     print(f"iterations {result.summary['iterations']}/{params.phase1.max_iterations}, "
           f"skipped steps {result.summary['skipped_steps']}/{result.summary['iterations'] - 1}, "
           f"{result.timing['seconds']:.1f}s")

@@ -28,18 +28,19 @@ def body(params, run):
         if cstar[split].shape[0] != splits[split].ids.numel():
             raise ArtifactError(f"data/cstar/{split}.safetensors: {cstar[split].shape[0]} contexts for "
                                 f"{splits[split].ids.numel()} tokens; rerun the 'cstar' stage (dvc repro cstar)")
-    val_bytes = int(splits["val"].doc_bytes.sum())
+    val = splits["val"]
     if world.is_main:
         print(f"phase2 on {device} x {world.size} process(es): context_mode {params.phase2.context_mode}, "
-              f"{splits['train'].ids.numel()} train / {splits['val'].ids.numel()} val tokens, {val_bytes} val bytes")
+              f"{splits['train'].ids.numel()} train / {val.ids.numel()} val tokens; early stopping on val loss over "
+              f"{int(val.scored.sum())}/{val.ids.numel() - 1} scored predictions")
 
     inputs = {"phase1": PHASE1, "tokenizer": TOKENIZER, "train": "data/splits/train.safetensors",
               "val": "data/splits/val.safetensors", "cstar_train": "data/cstar/train.safetensors",
               "cstar_val": "data/cstar/val.safetensors"}
     current = fingerprint(params, ("seed", "phase2"), {name: sha256_file(path) for name, path in inputs.items()})
     resume = load_resume_state(RESUME, "phase2", current, log=distributed.main_only(print, world))
-    result = train_phase2(model, splits["train"].ids, cstar["train"], splits["val"].ids, cstar["val"], val_bytes,
-                          params.phase2, params.seed, checkpoint=checkpointer(RESUME, current) if world.is_main else None,
+    result = train_phase2(model, splits["train"].ids, cstar["train"], val.ids, cstar["val"], val.scored,
+                          val.target_bytes, params.phase2, params.seed, checkpoint=checkpointer(RESUME, current) if world.is_main else None,
                           resume_state=resume)
     if not world.is_main:  # rank 0 writes every output
         return

@@ -21,7 +21,7 @@ from cvfp import baselines, distributed, fast
 from cvfp.distributed import Shard, World, gather_rows
 from cvfp.params import BaselinesParams, Phase1Params, Phase2Params
 from test_phase1 import tiny_model as phase1_model
-from test_phase2 import CONTEXT, stream
+from test_phase2 import CONTEXT, labelled, stream
 from test_phase2 import tiny_model as phase2_model
 
 STREAM = 13  # odd, so the two shards differ in size
@@ -74,8 +74,19 @@ def phase2_run(world: World) -> dict:
     cstar, val_cstar = torch.randn(60, CONTEXT, generator=generator), torch.randn(30, CONTEXT, generator=generator)
     model = phase2_model()
     params = Phase2Params(epochs=3, batch_size=8, lr=0.01, patience=4)
-    result = phase2.train_phase2(model, ids, cstar, val_ids, val_cstar, 100, params, seed=0, log=quiet, world=world)
+    # some validation predictions unscored: each rank counts the scored ones of its shard, the sums are reduced
+    result = phase2.train_phase2(model, ids, cstar, val_ids, val_cstar, *labelled(val_ids), params, seed=0, log=quiet,
+                                 world=world)
     return {"summary": result.summary, "history": untimed(result.history), "state": model.state_dict()}
+
+
+def phase2_evaluate(world: World) -> dict:
+    """evaluate_fixed's counts over a stream with unscored predictions: each rank counts its shard's scored ones."""
+    ids = stream(STREAM * 2 + 1, seed=3)
+    cstar = torch.randn(ids.numel(), CONTEXT, generator=torch.Generator().manual_seed(5))
+    model = phase2_model()
+    model.init_head_(seed=1)
+    return phase2.evaluate_fixed(model, ids, cstar, *labelled(ids), 4, "stability", world=world)
 
 
 def baseline_run(world: World, kind: str) -> dict:
@@ -83,9 +94,9 @@ def baseline_run(world: World, kind: str) -> dict:
                                                  transformer={"layers": 1, "heads": 2, "ffn_mult": 2, "lr": 0.01}))
     torch.manual_seed(0)
     model = baselines.build(kind, baselines.baseline_args(kind, 8, 12, params))
-    ids = stream(59) % 12
+    ids, val_ids = stream(59) % 12, stream(30, seed=2) % 12
     # a budget that ends inside epoch 2: the masking of targets past it is decided on the global batch
-    result = baselines.train_baseline(model, ids, stream(30, seed=2) % 12, 100, params, 0.01, 80, seed=0,
+    result = baselines.train_baseline(model, ids, val_ids, *labelled(val_ids), params, 0.01, 80, seed=0,
                                       name=kind, log=quiet, world=world)
     return {"summary": result.summary, "history": untimed(result.history), "state": model.state_dict()}
 
@@ -97,6 +108,7 @@ CASES = {
     "phase1_run[global_deviation]": (phase1_run, ("global_deviation",)),
     "phase1_run[ema_variance]": (phase1_run, ("ema_variance",)),
     "phase2_run": (phase2_run, ()),
+    "phase2_evaluate": (phase2_evaluate, ()),
     "baseline_run[gru]": (baseline_run, ("gru",)),
     "baseline_run[transformer]": (baseline_run, ("transformer",)),
 }

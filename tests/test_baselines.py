@@ -1,12 +1,21 @@
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import cvfp.baselines as baselines
-from cvfp.model import CVFPModel, ModelArgs
+from cvfp.metrics import next_token_metrics
+from cvfp.model import CVFPModel, ModelArgs, trainable_parameters
 from cvfp.params import BaselinesParams, ModelParams, Params, Phase2Params
-from cvfp.model import trainable_parameters
+from helpers import NoRun, load_stage
 
 VOCAB = 12
+REPO = Path(__file__).resolve().parents[1]
+COUNT_KEYS = ("total_nats", "predictions", "correct", "bytes")
 
 
 def tiny_params(**overrides):
@@ -22,6 +31,30 @@ def periodic(length, seed=1):
     ids = torch.arange(length) % 5
     noise = torch.rand(length, generator=generator) < 0.1
     return torch.where(noise, torch.randint(0, VOCAB, (length,), generator=generator), ids)
+
+
+def all_scored(ids):
+    """scored and target_bytes of a stream whose N-1 predictions all count, one byte each."""
+    return torch.ones(ids.numel() - 1, dtype=torch.bool), torch.ones(ids.numel() - 1, dtype=torch.int64)
+
+
+def labelled(ids):
+    """scored and target_bytes as carve gives them: a target 0 is a marker (0 bytes, not scored), a target 3 stands
+    for an id unseen in train (real bytes, not scored), any other target scores with 1 + id % 3 bytes."""
+    targets = ids[1:]
+    target_bytes = torch.where(targets == 0, 0, 1 + targets % 3).long()
+    return (targets != 0) & (targets != 3), target_bytes
+
+
+def per_prediction(kind, model, ids, seq_len):
+    """Logits (N-1, V) of each prediction as the evaluation runs it: the GRU over the whole stream at once,
+    the Transformer window by window from scratch."""
+    with torch.no_grad():
+        if kind == "gru":
+            return model(ids[None, :-1])[0][0]
+        inputs = ids[:-1]
+        return torch.cat([model(inputs[start:start + seq_len][None])[0][0]
+                          for start in range(0, inputs.numel(), seq_len)])
 
 
 def tiny_model(kind, width=8, seed=0, params=None):
@@ -76,15 +109,52 @@ def test_windows_predict_every_position_once():
     torch.testing.assert_close(targets[valid], ids[1:])
 
 
+def test_windowed_lays_per_prediction_values_out_like_the_targets():
+    ids = torch.arange(20)
+    _, targets = baselines.windows(ids, 6)
+    laid_out = baselines.windowed(ids[1:] * 10, 6, -1)  # the value of prediction t is 10 x its target ids[t+1]
+    assert laid_out.shape == targets.shape == (4, 6)
+    valid = targets != baselines.IGNORE
+    torch.testing.assert_close(laid_out[valid], targets[valid] * 10)
+    assert bool((laid_out[~valid] == -1).all()) and int((~valid).sum()) == 5  # the padding is `fill`
+    flags = baselines.windowed(torch.ones(19, dtype=torch.bool), 6, False)
+    assert flags.dtype == torch.bool and torch.equal(flags, valid)
+
+
 def test_gru_validation_carries_its_state_over_the_whole_stream():
     model = tiny_model("gru").eval()
     ids = periodic(50)
-    counts = baselines.validation_counts(model, ids, seq_len=8, batch_size=4)
+    counts = baselines.validation_counts(model, ids, *all_scored(ids), seq_len=8, batch_size=4)
     with torch.no_grad():
         logits, _ = model(ids[None, :-1])  # one pass over the stream
-        nats = float(torch.nn.functional.cross_entropy(logits[0], ids[1:], reduction="sum"))
-    assert counts["predictions"] == 49
+        nats = float(F.cross_entropy(logits[0], ids[1:], reduction="sum"))
+    assert counts["predictions"] == 49 and counts["bytes"] == 49
     assert counts["total_nats"] == pytest.approx(nats, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", baselines.KINDS)
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_validation_counts_the_scored_predictions_with_their_targets_bytes(kind, batch_size):
+    """49 predictions in windows of 8 (the last one padded): only the scored ones count, each with its own target's
+    bytes; the padding is never counted."""
+    model = tiny_model(kind).eval()
+    ids = periodic(50, seed=3)
+    scored, target_bytes = labelled(ids)
+    assert 0 < int(scored.sum()) < 49 and bool((target_bytes[~scored] > 0).any())
+    logits = per_prediction(kind, model, ids, 8)
+    nats = F.cross_entropy(logits, ids[1:], reduction="none").double()
+    got = baselines.validation_counts(model, ids, scored, target_bytes, 8, batch_size)
+    assert got["predictions"] == int(scored.sum())
+    assert got["total_nats"] == pytest.approx(float(nats[scored].sum()), rel=1e-5)
+    assert got["correct"] == int((logits.argmax(-1) == ids[1:])[scored].sum())
+    assert got["bytes"] == int(target_bytes[scored].sum())
+    # the data tell the rule from the wrong ones: all predictions, all bytes, the bytes of the inputs ids[t]
+    assert got["total_nats"] != pytest.approx(float(nats.sum()), rel=1e-3)
+    assert got["bytes"] != int(target_bytes.sum())
+    assert got["bytes"] != int(torch.cat([torch.tensor([0]), target_bytes[:-1]])[scored].sum())
+    every = baselines.validation_counts(model, ids, *all_scored(ids), 8, batch_size)
+    assert (every["predictions"], every["bytes"]) == (49, 49)
+    assert every["total_nats"] == pytest.approx(float(nats.sum()), rel=1e-5)
 
 
 def test_transformer_is_causal():
@@ -102,34 +172,47 @@ def test_transformer_is_causal():
 def test_loss_decreases_on_a_tiny_corpus(kind):
     model = tiny_model(kind, width=16)
     train, val = periodic(400, seed=1), periodic(120, seed=2)
-    before = baselines.validation_counts(model, val, 8, 4)
+    val_scored, val_target_bytes = labelled(val)
+    before = baselines.validation_counts(model, val, val_scored, val_target_bytes, 8, 4)
     params = tiny_params(patience=5)
-    result = baselines.train_baseline(model, train, val, val_bytes=200, params=params, lr=0.01,
+    result = baselines.train_baseline(model, train, val, val_scored, val_target_bytes, params=params, lr=0.01,
                                       budget_tokens=3 * 399, seed=0, name=kind, log=lambda _: None)
     losses = [row["train_loss"] for row in result.history]
     assert len(losses) == 3 and losses[-1] < losses[0]
-    assert result.summary["best"]["val_loss"] < before["total_nats"] / before["predictions"] - 0.3
+    best = result.summary["best"]
+    assert best["val_loss"] < before["total_nats"] / before["predictions"] - 0.3
     assert result.summary["train_tokens_seen"] == 3 * 399
-    assert result.summary["best"]["predictions"] == 119  # every validation position predicted once
+    assert best["predictions"] == int(val_scored.sum()) < 119  # the scored ones of the 119 predictions
+    assert best["bytes"] == int(val_target_bytes[val_scored].sum())
+    assert best["val_bpb"] == pytest.approx(best["total_nats"] / math.log(2) / best["bytes"])
+    assert best["val_ppl"] == pytest.approx(math.exp(best["val_loss"]))
+    assert set(best) == {"train_loss", "val_loss", "val_ppl", "val_acc", "val_bpb", *COUNT_KEYS}
+    for row in result.history:
+        assert {"epoch", "train_loss", "train_tokens_seen", "val_loss", "val_ppl", "val_acc", "val_bpb", *COUNT_KEYS,
+                "skipped_steps", "seconds"} <= set(row)
 
 
 def test_budget_is_exact_and_best_weights_are_kept():
     model = tiny_model("gru")
     train, val = periodic(100), periodic(40, seed=2)
-    result = baselines.train_baseline(model, train, val, 50, tiny_params(), 0.01, budget_tokens=150, seed=0,
-                                      name="gru", log=lambda _: None)
+    val_scored, val_target_bytes = labelled(val)
+    result = baselines.train_baseline(model, train, val, val_scored, val_target_bytes, tiny_params(), 0.01,
+                                      budget_tokens=150, seed=0, name="gru", log=lambda _: None)
     assert [row["train_tokens_seen"] for row in result.history] == [99, 150]  # a part-epoch at the end
     best = min(result.history, key=lambda row: row["val_loss"])
     assert result.summary["best_epoch"] == best["epoch"]
-    again = baselines.validation_counts(model, val, 8, 4)
-    assert again["total_nats"] / again["predictions"] == pytest.approx(best["val_loss"], rel=1e-6)
+    again = next_token_metrics(baselines.validation_counts(model, val, val_scored, val_target_bytes, 8, 4), "val_")
+    assert again["val_loss"] == pytest.approx(best["val_loss"], rel=1e-6)
+    assert again["val_bpb"] == pytest.approx(best["val_bpb"], rel=1e-6)
+    assert {k: again[k] for k in ("predictions", "correct", "bytes")} == \
+        {k: best[k] for k in ("predictions", "correct", "bytes")}
 
 
 def test_early_stopping_on_validation_loss():
     model = tiny_model("transformer")
     train, val = periodic(100), torch.randint(0, VOCAB, (60,), generator=torch.Generator().manual_seed(5))
     params = tiny_params(patience=1)  # validation on noise: it stops as soon as val loss fails to improve
-    result = baselines.train_baseline(model, train, val, 50, params, 0.05, budget_tokens=20 * 99, seed=0,
+    result = baselines.train_baseline(model, train, val, *all_scored(val), params, 0.05, budget_tokens=20 * 99, seed=0,
                                       name="t", log=lambda _: None)
     assert result.summary["stopped_early"]
     assert result.summary["epochs_run"] == result.summary["best_epoch"] + 1 < 20
@@ -147,3 +230,86 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path, kind):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids)[0], model(ids)[0])
 
+
+def test_early_stopping_follows_the_scored_validation_loss(monkeypatch):
+    """The epoch kept is the one whose validation counts give the lowest loss (nats per scored prediction)."""
+    model = tiny_model("gru")
+    train, val = periodic(100), periodic(40, seed=2)
+    losses = iter([3.0, 2.0, 2.5, 2.6])
+
+    def fake_counts(model, ids, scored, target_bytes, seq_len, batch_size):
+        predictions = int(scored.sum())
+        return {"total_nats": next(losses) * predictions, "predictions": predictions, "correct": 1,
+                "bytes": int(target_bytes[scored].sum())}
+
+    monkeypatch.setattr(baselines, "validation_counts", fake_counts)
+    scored, target_bytes = labelled(val)
+    result = baselines.train_baseline(model, train, val, scored, target_bytes, tiny_params(patience=2), 0.01,
+                                      budget_tokens=10 * 99, seed=0, name="gru", log=lambda _: None)
+    summary = result.summary
+    assert (summary["best_epoch"], summary["epochs_run"], summary["stopped_early"]) == (2, 4, True)
+    assert summary["best"]["val_loss"] == pytest.approx(2.0)
+    assert summary["best"]["predictions"] == int(scored.sum())
+    assert summary["best"]["val_bpb"] == pytest.approx(2.0 * int(scored.sum()) / math.log(2) /
+                                                       int(target_bytes[scored].sum()))
+
+
+def test_the_stage_early_stops_on_validation_and_scores_test_once_with_the_kept_weights(tmp_path, monkeypatch):
+    stage = load_stage("baselines")
+    splits = {}
+    for offset, name in enumerate(("train", "val", "test")):
+        ids = periodic((120, 41, 53)[offset], seed=offset + 1)
+        scored, target_bytes = labelled(ids)
+        splits[name] = SimpleNamespace(ids=ids, scored=scored, target_bytes=target_bytes, vocab_size=VOCAB)
+    events = []
+    real_train, real_counts = stage.train_baseline, baselines.validation_counts
+
+    def counted(model, ids, *args):  # every count train_baseline makes (it calls cvfp.baselines.validation_counts)
+        events.append(("validation", ids))
+        return real_counts(model, ids, *args)
+
+    def train(model, train_ids, val_ids, val_scored, val_target_bytes, *args, **kwargs):
+        events.append(("train", (train_ids, val_ids, val_scored, val_target_bytes)))
+        return real_train(model, train_ids, val_ids, val_scored, val_target_bytes, *args, **kwargs)
+
+    def tested(model, ids, *args):  # the stage's own count, after training
+        events.append(("stage", ids))
+        return real_counts(model, ids, *args)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(stage, "load_split", lambda path, tokenizer: splits[Path(path).stem])
+    monkeypatch.setattr(stage, "sha256_file", lambda path: "0" * 64)
+    monkeypatch.setattr(stage, "train_baseline", train)
+    monkeypatch.setattr(stage, "validation_counts", tested)
+    monkeypatch.setattr(baselines, "validation_counts", counted)
+    params = Params.model_validate({
+        "device": "cpu", "model": {"context_dim": 8, "embed_dim": 8, "hidden_dim": 16, "layer_structure": [1, 1]},
+        "phase2": {"epochs": 2},
+        "baselines": {"seq_len": 8, "batch_size": 4, "transformer": {"layers": 1, "heads": 1}}})
+    stage.body(params, NoRun())
+
+    train_split, val, test = splits["train"], splits["val"], splits["test"]
+    assert [kind for kind, _ in events if kind != "validation"] == ["train", "stage"] * len(baselines.KINDS)
+    for kind, payload in events:
+        if kind == "train":
+            assert all(got is want for got, want in zip(payload, (train_split.ids, val.ids, val.scored,
+                                                                  val.target_bytes)))
+        elif kind == "validation":  # early stopping and the best epoch: validation only
+            assert payload is val.ids
+        else:
+            assert payload is test.ids
+    written = json.loads((tmp_path / "metrics" / "baselines.json").read_text())
+    assert "val_bytes" not in written
+    for kind in baselines.KINDS:
+        summary = written[kind]
+        assert set(summary["test"]) == {"loss", "ppl", "acc", "bpb", *COUNT_KEYS}
+        assert summary["test"]["predictions"] == int(test.scored.sum())
+        assert summary["test"]["bytes"] == int(test.target_bytes[test.scored].sum())
+        assert summary["best"]["predictions"] == int(val.scored.sum())
+        model, _ = baselines.load_baseline(tmp_path / "models" / f"{kind}.pt")  # the weights validation kept
+        seq_len, batch_size = params.baselines.seq_len, params.baselines.batch_size
+        again = next_token_metrics(real_counts(model, test.ids, test.scored, test.target_bytes, seq_len, batch_size))
+        assert summary["test"]["loss"] == pytest.approx(again["loss"], rel=1e-6)
+        assert summary["test"]["bpb"] == pytest.approx(again["bpb"], rel=1e-6)
+        kept = next_token_metrics(real_counts(model, val.ids, val.scored, val.target_bytes, seq_len, batch_size))
+        assert summary["best"]["val_loss"] == pytest.approx(kept["loss"], rel=1e-6)

@@ -5,7 +5,7 @@ import torch
 
 from cvfp.data.cache import build_stream, encode_documents, load_stream, save_stream
 from cvfp.data.corpus import BOUNDARY_TOKEN, ROLE_TOKENS, document_bytes, render, write_documents
-from cvfp.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from cvfp.data.tokenizer import load_tokenizer, save_tokenizer, token_byte_lengths, token_bytes, train_tokenizer
 from cvfp.errors import ArtifactError
 from cvfp.io import sha256_file
 
@@ -42,6 +42,18 @@ def test_stream_layout(stream, documents, tokenizer_path):
     assert stream.special_ids[BOUNDARY_TOKEN] == boundary == 0
 
 
+def test_every_documents_tokens_hold_exactly_its_doc_bytes(stream, documents, tokenizer_path):
+    """The bytes bits per byte divides by: per document, the token byte lengths sum to doc_bytes, and the
+    tokens' bytes are the UTF-8 of its contents (emoji, RTL, NUL, U+2028 included)."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    lengths, table = token_byte_lengths(tokenizer), token_bytes(tokenizer)
+    for index, document in enumerate(documents):
+        ids = stream.doc(index).tolist()
+        assert sum(lengths[i] for i in ids) == int(stream.doc_bytes[index]) == document_bytes(document)
+        assert b"".join(table[i] for i in ids) == "".join(m["content"] for m in document["messages"]).encode("utf-8")
+    assert sum(lengths[i] for i in stream.ids.tolist()) == stream.num_bytes
+
+
 def test_special_token_text_inside_a_message_stays_text(tokenizer_path):
     tokenizer = load_tokenizer(tokenizer_path)
     document = {"messages": [{"role": "user", "content": f"type {BOUNDARY_TOKEN} or <|assistant|> here"}]}
@@ -60,6 +72,8 @@ def test_save_load_round_trip(tmp_path, stream, tokenizer_path):
     assert torch.equal(loaded.doc_offsets, stream.doc_offsets)
     assert torch.equal(loaded.doc_bytes, stream.doc_bytes)
     assert (loaded.vocab_size, loaded.special_ids) == (stream.vocab_size, stream.special_ids)
+    assert loaded.scored is None and loaded.target_bytes is None  # the whole stream has no scoring tensors
+    assert loaded.num_predictions == stream.num_tokens - 1
 
 
 def test_stale_tokenizer_names_both_hashes(tmp_path, stream, documents, tokenizer_path):

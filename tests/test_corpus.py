@@ -1,15 +1,18 @@
 """Corpus sources (chitchat, hub layout, files), seeded selection, rendering and byte counts."""
 
 import json
+from fractions import Fraction
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset
+from hypothesis import given, settings, strategies as st
 
 from cvfp.data import corpus
-from cvfp.data.corpus import (BOUNDARY_TOKEN, document_bytes, load_corpus, read_documents, render,
-                              select_documents, take_documents, write_documents)
+from cvfp.data.corpus import (BOUNDARY_TOKEN, DocumentSplit, document_bytes, load_corpus, read_document_split,
+                              read_documents, render, select_documents, split_documents, take_documents,
+                              write_document_split, write_documents)
 from cvfp.errors import ArtifactError, StageError
 from cvfp.params import DataParams
 
@@ -59,7 +62,7 @@ def test_hub_layout_from_a_local_folder(tmp_path):
 
 def test_files_txt_and_jsonl(tmp_path):
     (tmp_path / "a.txt").write_text("first line\nsecond line\n", encoding="utf-8")
-    (tmp_path / "b.txt").write_bytes(b"invalid \xff byte")
+    (tmp_path / "b.txt").write_bytes("caf\u00e9 \U0001F600 \t\x00".encode("utf-8"))  # a NUL among text is text
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"messages": conversation(n)}) + "\n" for n in range(2)))
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "plain text row"}) + "\n")
     files = [str(tmp_path / name) for name in ("a.txt", "b.txt", "c.jsonl", "d.jsonl")]
@@ -67,9 +70,63 @@ def test_files_txt_and_jsonl(tmp_path):
     messages = dataset["messages"]
     assert len(messages) == 5
     assert messages[0] == [{"role": "user", "content": "first line\nsecond line\n"}]  # one file = one document
-    assert messages[1] == [{"role": "user", "content": "invalid \ufffd byte"}]
+    assert messages[1] == [{"role": "user", "content": "caf\u00e9 \U0001F600 \t\x00"}]
     assert messages[2] == conversation(0)
     assert messages[4] == [{"role": "user", "content": "plain text row"}]
+
+
+@pytest.mark.parametrize("name, data, where", [
+    ("bytes.txt", b"invalid \xff byte", "byte offset 8 (line 1)"),
+    ("cut.txt", "line one\nsecond \u00e9".encode("utf-8")[:-1], "byte offset 16 (line 2)"),  # a truncated character
+    ("latin1.txt", "caf\u00e9".encode("latin-1"), "byte offset 3 (line 1)"),
+    ("rows.jsonl", b'{"text": "fine"}\n{"text": "bad \xc3\x28"}\n', "byte offset 31 (line 2)"),
+    ("surrogate.txt", b"encoded surrogate \xed\xa0\x80", "byte offset 18 (line 1)"),  # CESU-8, not UTF-8
+])
+def test_files_that_are_not_utf8_name_the_file_and_the_offset(tmp_path, name, data, where):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(StageError) as caught:
+        load_corpus(DataParams(source="files", files=[str(tmp_path / name)]))
+    message = str(caught.value)
+    assert f"{tmp_path / name}: not valid UTF-8: {where}" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("name, data, where", [
+    ("binary.txt", bytes(range(32)) * 10, "binary.txt: 290 of 320 characters are control characters"),
+    ("rows.jsonl", b'{"text": "fine"}\n\n{"text": "\\u0000\\u0001\\u0002ab"}\n', "rows.jsonl:3: 3 of 5 characters"),
+    ("chat.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "\x07" * 3}]}).encode() + b"\n",
+     "chat.jsonl:1: 3 of 5 characters"),
+])
+def test_documents_of_mostly_control_characters_are_refused(tmp_path, name, data, where):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(StageError, match="not text") as caught:
+        load_corpus(DataParams(source="files", files=[str(tmp_path / name)]))
+    assert where in str(caught.value)
+
+
+def test_half_control_characters_or_tabs_and_newlines_are_still_text(tmp_path):
+    texts = {"half.txt": "\x00\x01ab", "layout.txt": "\t\t\n\r\n\ra", "escape.txt": "\x1b[1mbold\x1b[0m"}
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text, encoding="utf-8", newline="")
+    dataset = load_corpus(DataParams(source="files", files=[str(tmp_path / name) for name in texts]))
+    assert len(dataset) == 3
+
+
+def test_a_hub_document_of_control_characters_is_refused_naming_it():
+    binary = [{"role": "user", "content": "\x01" * 9}]
+    dataset = Dataset.from_list([{"messages": conversation(0)}, {"messages": binary}])
+    with pytest.raises(StageError, match=r"the corpus, document \d in seeded order: 9 of 9 characters are control"):
+        take_documents(dataset, 2, seed=0)
+
+
+def test_the_control_class_is_unicode_category_cc_without_tab_newline_return():
+    import unicodedata
+
+    bmp = [chr(c) for c in range(0x10000) if not 0xD800 <= c <= 0xDFFF]  # Cc lies inside U+0000-U+009F
+    refused = [char for char in bmp if corpus.control_problem(char) is not None]  # 1 of 1 characters
+    assert refused == [char for char in bmp if unicodedata.category(char) == "Cc" and char not in "\t\n\r"]
+    assert len(refused) == 62
 
 
 @pytest.mark.parametrize("name, content, expected", [
@@ -168,3 +225,62 @@ def test_damaged_documents_file(tmp_path, documents):
         read_documents(path)
     with pytest.raises(ArtifactError, match="missing"):
         read_documents(tmp_path / "none.jsonl")
+
+
+# ---- the held-out rule ------------------------------------------------------------------------------------------
+
+def test_held_out_rule_cuts_at_the_first_document_starting_past_each_fraction():
+    sizes = [10, 30, 20, 15, 5, 10, 10]  # starts 0 10 40 60 75 80 90, total 100
+    split = split_documents(sizes, val_fraction=0.2, test_fraction=0.15)
+    # val: first start >= 65 is 75 (doc 4); test: first start >= 85 is 90 (doc 6)
+    assert split == DocumentSplit(4, 2, 1, 0.2, 0.15)
+    assert split.parts() == {"train": range(0, 4), "val": range(4, 6), "test": range(6, 7)}
+    assert (split.val_start, split.test_start, split.documents) == (4, 6, 7)
+    # a start exactly at the fraction belongs to the held-out part
+    assert split_documents([25, 25, 25, 25], 0.25, 0.25) == DocumentSplit(2, 1, 1, 0.25, 0.25)
+
+
+@pytest.mark.parametrize("sizes, fractions, counts", [
+    ([1, 99], (0.2, 0.1), "2 training, 0 validation and 0 test documents"),
+    ([50, 40, 10], (0.05, 0.1), "2 training, 0 validation and 1 test documents"),
+    ([30, 30, 30], (0.1, 0.1), "3 training, 0 validation and 0 test documents"),
+    ([], (0.1, 0.1), "0 training, 0 validation and 0 test documents"),
+])
+def test_held_out_rule_refuses_an_empty_part(sizes, fractions, counts):
+    with pytest.raises(StageError, match=f"empty split: {counts}") as caught:
+        split_documents(sizes, *fractions)
+    assert f"carve.val_fraction={fractions[0]}" in str(caught.value) and "data.num_samples" in str(caught.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=st.lists(st.integers(1, 50), min_size=3, max_size=30), val=st.floats(0.01, 0.5),
+       test=st.floats(0.01, 0.49))
+def test_held_out_rule_matches_its_definition(sizes, val, test):
+    total = sum(sizes)
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    val_start = next((k for k, s in enumerate(starts) if s >= (1 - Fraction(repr(val)) - Fraction(repr(test))) * total),
+                     len(sizes))
+    test_start = next((k for k, s in enumerate(starts) if s >= (1 - Fraction(repr(test))) * total), len(sizes))
+    if not (0 < val_start < test_start < len(sizes)):
+        with pytest.raises(StageError):
+            split_documents(sizes, val, test)
+        return
+    split = split_documents(sizes, val, test)
+    assert (split.train_documents, split.val_documents, split.test_documents) == \
+        (val_start, test_start - val_start, len(sizes) - test_start)
+
+
+def test_split_file_round_trip_and_damage(tmp_path):
+    split = DocumentSplit(150, 15, 15, 0.15, 0.15)
+    path = tmp_path / "tokenizer" / "split.json"
+    write_document_split(path, split)
+    assert json.loads(path.read_text()) == {"train_documents": 150, "val_documents": 15, "test_documents": 15,
+                                            "val_fraction": 0.15, "test_fraction": 0.15}
+    assert read_document_split(path) == split
+    for damaged in ('{"train_documents": 150}', '{"train_documents": -1, "val_documents": 1, "test_documents": 1, '
+                    '"val_fraction": 0.1, "test_fraction": 0.1}', '[1, 2]', '{"train'):
+        path.write_text(damaged)
+        with pytest.raises(ArtifactError, match=r"split.json: .*rerun the 'tokenizer' stage"):
+            read_document_split(path)
+    with pytest.raises(ArtifactError, match="missing; run the 'tokenizer' stage"):
+        read_document_split(tmp_path / "none.json")

@@ -84,7 +84,19 @@ def test_phase1_run_matches(two_processes, case):
 def test_phase2_run_matches(two_processes):
     one = distributed_cases.run_case("phase2_run", SINGLE)
     assert one["summary"]["epochs_run"] == 3 and one["summary"]["train_tokens_seen"] == 3 * 59
+    scored, _ = distributed_cases.labelled(distributed_cases.stream(30, seed=2))
+    assert all(row["val_predictions"] == int(scored.sum()) < 29 for row in one["history"])  # some are unscored
     assert_same(two_processes["phase2_run"], one, "phase2_run")
+
+
+def test_phase2_evaluation_counts_match(two_processes):
+    """Each rank counts the scored predictions of its own shard of positions; the sums are one process's counts."""
+    one = distributed_cases.run_case("phase2_evaluate", SINGLE)
+    ids = distributed_cases.stream(2 * distributed_cases.STREAM + 1, seed=3)
+    scored, target_bytes = distributed_cases.labelled(ids)
+    assert (one["predictions"], one["bytes"]) == (int(scored.sum()), int(target_bytes[scored].sum()))
+    assert one["predictions"] < ids.numel() - 1
+    assert_same(two_processes["phase2_evaluate"], one, "phase2_evaluate")
 
 
 @pytest.mark.parametrize("kind", ["gru", "transformer"])
@@ -92,6 +104,9 @@ def test_baseline_run_matches(two_processes, kind):
     case = f"baseline_run[{kind}]"
     one, two = distributed_cases.run_case(case, SINGLE), dict(two_processes[case])
     assert one["summary"]["train_tokens_seen"] == 80  # the budget cut inside epoch 2
+    scored, target_bytes = distributed_cases.labelled(distributed_cases.stream(30, seed=2) % 12)
+    assert one["summary"]["best"]["predictions"] == int(scored.sum()) < 29
+    assert one["summary"]["best"]["bytes"] == int(target_bytes[scored].sum())
     if kind == "transformer":
         # the attention key bias has a gradient that is zero in exact arithmetic (softmax ignores a
         # shift shared by all keys); Adam scales its float noise to lr-sized steps, so that one

@@ -121,10 +121,11 @@ def test_compiled_phase2_losses_equal_plain(fast_on_cpu, monkeypatch, context_mo
     ids, cstar_ = torch.randint(0, 40, (30,)), torch.randn(30, 6)
     positions = torch.tensor([0, 3, 9, 28])
     got = phase2.phase2_losses(model, ids, cstar_, positions, context_mode, 0.7)
-    got["loss"].backward()
+    got["objective"].backward()  # what training back-propagates
     monkeypatch.setenv("CVFP_FAST", "0")
     expected = phase2.phase2_losses(plain_model, ids, cstar_, positions, context_mode, 0.7)
-    expected["loss"].backward()
+    expected["objective"].backward()
+    assert set(got) == set(expected) == {"objective", "loss", "stability", "logits"}
     for key in expected:
         torch.testing.assert_close(got[key].detach(), expected[key].detach())
     for a, b in zip(model.parameters(), plain_model.parameters()):
@@ -178,15 +179,18 @@ def test_phase2_training_on_the_fast_path_equals_plain(fast_on_cpu, monkeypatch)
     ids, val_ids = periodic_stream(60), periodic_stream(30, seed=2)
     generator = torch.Generator().manual_seed(4)
     cstar, val_cstar = torch.randn(60, 6, generator=generator), torch.randn(30, 6, generator=generator)
+    val_scored = val_ids[1:] != 0  # target 0 plays a marker: not scored, 0 bytes
+    val_target_bytes = torch.where(val_scored, 1 + val_ids[1:] % 3, 0)
     runs = []
     for flag in ("0", "1"):
         monkeypatch.setenv("CVFP_FAST", flag)
         model = tiny_model(vocab_size=PHASE2_VOCAB)
-        result = phase2.train_phase2(model, ids, cstar, val_ids, val_cstar, 100, Phase2Params(epochs=3, batch_size=8),
-                                     seed=0, log=lambda _: None)
+        result = phase2.train_phase2(model, ids, cstar, val_ids, val_cstar, val_scored, val_target_bytes,
+                                     Phase2Params(epochs=3, batch_size=8), seed=0, log=lambda _: None)
         runs.append((result.summary, model.state_dict()))
     (plain, plain_state), (fast_summary, fast_state) = runs
     assert plain["epochs_run"] == fast_summary["epochs_run"] == 3
+    assert plain["best"]["val_predictions"] == int(val_scored.sum()) < 29
     assert_same_summary(fast_summary, plain)
     for name, tensor in plain_state.items():
         torch.testing.assert_close(fast_state[name], tensor, rtol=1e-4, atol=1e-6, msg=name)

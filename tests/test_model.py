@@ -16,15 +16,28 @@ def test_hidden_dim_must_be_context_plus_embed():
         tiny_args(hidden_dim=11)
 
 
-def test_layer_matches_the_written_formula():
+def _layer_norm(z, gain, bias, eps=1e-5):
+    """LN(z) = (z - mean(z)) / sqrt(var(z) + eps) * gain + bias, over the last dimension (population variance)."""
+    mean = z.mean(-1, keepdim=True)
+    var = ((z - mean) ** 2).mean(-1, keepdim=True)
+    return (z - mean) / torch.sqrt(var + eps) * gain + bias
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.3, 1.0])
+def test_layer_matches_the_written_formula(mix):
+    """SPEC 2: h = ReLU(W [c; x] + b), (dc, dx) = split(h), c' = c + dc, x' = x + dx,
+    then c' = (1-m) c' + m LN_c(c') and x' likewise."""
     torch.manual_seed(0)
-    args = tiny_args(layernorm_mix=0.3)
-    layer = CVFPLayer(args)
+    layer = CVFPLayer(tiny_args(layernorm_mix=mix))
+    with torch.no_grad():  # LayerNorm gains and biases away from (1, 0), so a missing or extra norm shows
+        for norm in (layer.context_norm, layer.token_norm):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0.0, 0.3)
     c, x = torch.randn(3, 6), torch.randn(3, 4)
     h = torch.relu(torch.cat([c, x], -1) @ layer.fnn.weight.T + layer.fnn.bias)
     c1, x1 = c + h[:, :6], x + h[:, 6:]
-    c1 = 0.7 * c1 + 0.3 * torch.nn.functional.layer_norm(c1, (6,), layer.context_norm.weight, layer.context_norm.bias)
-    x1 = 0.7 * x1 + 0.3 * torch.nn.functional.layer_norm(x1, (4,), layer.token_norm.weight, layer.token_norm.bias)
+    c1 = (1 - mix) * c1 + mix * _layer_norm(c1, layer.context_norm.weight, layer.context_norm.bias)
+    x1 = (1 - mix) * x1 + mix * _layer_norm(x1, layer.token_norm.weight, layer.token_norm.bias)
     got_c, got_x = layer(c, x)
     torch.testing.assert_close(got_c, c1)
     torch.testing.assert_close(got_x, x1)

@@ -16,12 +16,14 @@ COPIED = ["dvc.yaml", "pipeline", "src", ".dvc/config", ".dvc/.gitignore", ".dvc
 STAGES = ["tokenizer", "cache", "carve", "phase1", "cstar", "phase2", "evaluate", "baselines", "compare"]
 
 TINY_PARAMS = {
-    "device": "cpu", "data.num_samples": 24, "tokenizer.vocab_size": 320, "carve.val_fraction": 0.25,
+    "device": "cpu", "data.num_samples": 21, "tokenizer.vocab_size": 320, "carve.val_fraction": 0.1,
+    "carve.test_fraction": 0.1,
     "model.context_dim": 8, "model.embed_dim": 8, "model.hidden_dim": 16, "model.layer_structure": [1, 1],
     "phase1.max_iterations": 3, "phase1.batch_tokens": 512, "phase1.effective_rank_samples": 0,
     "phase2.epochs": 2, "phase2.batch_size": 256, "phase2.patience": 1,
     "evaluate.batch_size": 512, "evaluate.identity_samples": 32, "evaluate.num_trials": 3,
     "evaluate.contraction_samples": 4, "evaluate.contraction_power_iterations": 5,
+    "evaluate.lyapunov_steps": 40, "evaluate.lyapunov_blocks": 4,
     "baselines.seq_len": 16, "baselines.batch_size": 16, "baselines.transformer.layers": 1,
     "baselines.transformer.heads": 1, "compare.sample_prompts": 2, "compare.max_new_tokens": 8,
 }
@@ -74,9 +76,9 @@ def read(root, name):
 def test_repro_writes_every_metric(project):
     root, _, log = project
     data = read(root, "data.json")
-    for key in ("train_tokens", "val_tokens", "train_docs", "val_docs", "val_docs_dropped", "val_coverage",
-                "vocab_size", "train_bytes", "val_bytes"):
-        assert key in data, key
+    for split in ("train", "val", "test"):
+        for key in ("tokens", "docs", "bytes"):
+            assert f"{split}_{key}" in data, (split, key)
     phase1 = read(root, "phase1.json")
     for split in ("train", "val"):
         for key in ("effective_rank", "effective_rank_ratio", "convergence_rate", "converged_tokens", "tokens",
@@ -84,22 +86,25 @@ def test_repro_writes_every_metric(project):
             assert key in phase1[split], (split, key)
     assert phase1["train"]["tokens"] == data["train_tokens"]
     evaluation = read(root, "eval.json")
-    for mode in ("fixed", "free"):
-        assert {"val_loss", "val_ppl", "val_acc", "val_bpb"} <= evaluation[mode].keys()
+    for split in ("test", "val"):
+        for mode in ("fixed", "free"):
+            assert {"loss", "ppl", "acc", "bpb", "predictions", "bytes"} <= evaluation[split][mode].keys()
     assert {"train", "val"} <= evaluation["effective_rank"].keys()
-    assert {"mean_context_norm", "mean_step_cosine", "passed"} <= evaluation["identity"].keys()
+    for suffix in ("", "_phase1"):
+        assert {"mean_context_norm", "mean_step_cosine", "passed"} <= evaluation[f"identity{suffix}"].keys()
     assert {"final_diff", "slope", "verdict"} <= evaluation["convergence_check"].keys()
     assert (root / "models" / "phase2.pt").is_file()
     assert (root / "metrics" / "phase1_iterations.csv").is_file()
     compare = read(root, "compare.json")
     assert list(compare["models"]) == ["cvfp_fixed", "cvfp_free", "gru", "transformer"]
     for name, row in compare["models"].items():
-        assert {"val_loss", "val_ppl", "val_acc", "val_bpb", "trainable_parameters", "train_tokens_seen"} <= row.keys()
-        assert row["predictions"] == data["val_tokens"] - 1, name
+        assert {"loss", "ppl", "acc", "bpb", "trainable_parameters", "train_tokens_seen"} <= row.keys()
+        assert row["predictions"] == evaluation["test"]["free"]["predictions"] <= data["test_tokens"] - 1, name
     for kind in ("gru", "transformer"):
         assert abs(compare["parameter_ratio"][kind] - 1) <= 0.10
         assert (root / "models" / f"{kind}.pt").is_file()
-    assert evaluation["free"]["val_bpb"] == compare["models"]["cvfp_free"]["val_bpb"]
+    assert evaluation["test"]["free"]["bpb"] == compare["models"]["cvfp_free"]["bpb"]
+    assert compare["split"] == "test"
     assert "seconds" not in json.dumps(compare)  # wall clock stays out of DVC-tracked metrics
     assert "| GRU " in log and "| Transformer " in log  # `dvc repro` prints the comparison table
     assert "**transformer:**" in (root / "metrics" / "samples.md").read_text()
@@ -130,7 +135,7 @@ def test_one_parent_run_with_a_child_per_stage(project):
     assert len(curve) == read(root, "phase1.json")["iterations"]
     compare = next(r for r in children if r.data.tags["cvfp.stage"] == "compare")
     for name in ("cvfp_fixed", "cvfp_free", "gru", "transformer"):
-        assert compare.data.metrics[f"{name}.val_bpb"] == read(root, "compare.json")["models"][name]["val_bpb"]
+        assert compare.data.metrics[f"{name}.bpb"] == read(root, "compare.json")["models"][name]["bpb"]
     assert "training_seconds.gru" in compare.data.metrics
     artifacts = {a.path for a in client.list_artifacts(compare.info.run_id)}
     assert {"compare.json", "samples.md", "compare_table.md"} <= artifacts
@@ -144,8 +149,10 @@ def test_a_param_change_reruns_only_its_stage(project):
     root, env, _ = project
     params = (root / "params.yaml").read_text()
     try:
-        write_params(root / "params.yaml", {**TINY_PARAMS, "carve.val_fraction": 0.3})
+        write_params(root / "params.yaml", {**TINY_PARAMS, "carve.max_unscored_fraction": 0.4})
         assert list(json.loads(sh(["dvc", "status", "--json"], root, env))) == ["carve"]
+        write_params(root / "params.yaml", {**TINY_PARAMS, "carve.val_fraction": 0.2})  # the tokenizer's split too
+        assert sorted(json.loads(sh(["dvc", "status", "--json"], root, env))) == ["carve", "tokenizer"]
         write_params(root / "params.yaml", {**TINY_PARAMS, "phase2.lr": 0.003})
         assert list(json.loads(sh(["dvc", "status", "--json"], root, env))) == ["phase2"]
         write_params(root / "params.yaml", {**TINY_PARAMS, "phase1.dist_reg_weight": 0.5})
@@ -176,7 +183,8 @@ def test_forced_rerun_gives_identical_outputs(project):
 def test_report_prints_the_results_table(project):
     root, env, _ = project
     out = sh(["cvfp", "report"], root, env)
-    assert "Effective Rank" in out and "identity-mapping check" in out and "val bits per byte, free" in out
+    assert "Effective Rank" in out and "identity-mapping check" in out and "test bits per byte, free" in out
+    assert out.index("held-out test split") < out.index("data")  # the report leads with test
     assert "| CVFP free-running" in out and "| GRU" in out and "| Transformer" in out
     # every rate is printed with its denominator
     assert f"/{read(root, 'data.json')['train_tokens']})" in out
@@ -223,7 +231,7 @@ def test_queued_experiments_land_in_the_workspace_store(project):
         lrs = {r.data.params.get("phase2.lr") for r in found if r.data.tags["dvc.exp_name"] == name}
         assert lrs <= {"0.01", "0.0003"}
         evaluate = next(r for r in found if r.data.tags["dvc.exp_name"] == name and r.data.tags["cvfp.stage"] == "evaluate")
-        assert "fixed.val_bpb" in evaluate.data.metrics and "free.val_bpb" in evaluate.data.metrics
+        assert "test.fixed.bpb" in evaluate.data.metrics and "test.free.bpb" in evaluate.data.metrics
 
     # Every write of both experiments landed: each run holds what the same stage logged when it ran alone
     # (the workspace's `dvc repro`) -- every param, artifact and metric, each metric with as many points --

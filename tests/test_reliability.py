@@ -15,8 +15,9 @@ from cvfp import tracking
 from cvfp.data import cache
 from cvfp.data.cache import encode_documents, load_stream, save_stream
 from cvfp.data.carve import carve, load_split, save_splits
-from cvfp.data.corpus import document_bytes, load_corpus, read_documents, take_documents, write_documents
-from cvfp.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from cvfp.data.corpus import (document_bytes, load_corpus, read_documents, split_documents, take_documents,
+                              write_document_split, write_documents)
+from cvfp.data.tokenizer import load_tokenizer, save_tokenizer, token_byte_lengths, train_tokenizer
 from cvfp.errors import ArtifactError
 from cvfp.io import sha256_file
 from cvfp.params import DataParams, Params
@@ -89,6 +90,10 @@ def test_a_stage_completes_with_a_broken_store(tmp_path):
     tok_path = tmp_path / "data" / "tokenizer" / "tokenizer.json"
     save_tokenizer(tokenizer, tok_path)
     save_stream(tmp_path / "data" / "cache" / "stream.safetensors", build_stream(documents, tok_path))
+    carve_params = Params().carve
+    write_document_split(tmp_path / "data" / "tokenizer" / "split.json",
+                         split_documents([document_bytes(d) for d in documents], carve_params.val_fraction,
+                                         carve_params.test_fraction))
     write_params(tmp_path / "params.yaml", {})
     (tmp_path / "mlflow.db").write_bytes(b"garbage" * 1000)
     done = subprocess.run([sys.executable, str(REPO / "pipeline" / "carve.py")], cwd=tmp_path, capture_output=True,
@@ -96,7 +101,8 @@ def test_a_stage_completes_with_a_broken_store(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "not logged for stage 'carve'" in done.stderr
     assert json.loads((tmp_path / "metrics" / "data.json").read_text())["train_tokens"] > 0
-    assert (tmp_path / "data" / "splits" / "val.safetensors").is_file()
+    for split in ("train", "val", "test"):
+        assert (tmp_path / "data" / "splits" / f"{split}.safetensors").is_file()
 
 
 def _env():
@@ -110,8 +116,9 @@ def split_files(tmp_path):
     documents = [{"messages": [{"role": "user", "content": f"the cat {i % 3} sat"}]} for i in range(30)]
     tok_path = tmp_path / "tokenizer.json"
     save_tokenizer(train_tokenizer(documents, 300, 1), tok_path)
-    save_splits(carve(build_stream(documents, tok_path), val_fraction=0.2),
-                tmp_path / "train.safetensors", tmp_path / "val.safetensors")
+    table = token_byte_lengths(load_tokenizer(tok_path))
+    save_splits(carve(build_stream(documents, tok_path), table, val_fraction=0.2, test_fraction=0.2),
+                tmp_path / "train.safetensors", tmp_path / "val.safetensors", tmp_path / "test.safetensors")
     return tmp_path, tok_path
 
 
@@ -182,3 +189,21 @@ def test_a_10mb_single_word_document_trains_and_encodes(tmp_path):
     assert stream.doc_bytes.tolist() == [10_000_004, len(b"a short reply")]
     assert load_tokenizer(tok_path).decode(stream.doc(0).tolist()) == word  # lossless; specials are skipped
     assert stream.doc(0).numel() < len(word) / 100  # the merges were learned from the word's pieces
+
+
+@pytest.mark.parametrize("name, data, expected", [
+    ("random.txt", bytes([0x41, 0x42, 0xFE, 0x00, 0x93] * 200), "random.txt: not valid UTF-8: byte offset 2 (line 1)"),
+    ("controls.jsonl", json.dumps({"text": "\x00\x01\x02\x03 ok"}).encode() + b"\n",
+     "controls.jsonl:1: 4 of 7 characters are control characters"),
+], ids=["random-bytes", "control-characters"])
+def test_the_tokenizer_stage_refuses_input_that_is_not_text_in_one_line(tmp_path, name, data, expected):
+    """Arbitrary bytes or control characters are one named error (exit 2), never a document of U+FFFD."""
+    (tmp_path / name).write_bytes(data)
+    write_params(tmp_path / "params.yaml", {"data.source": "files", "data.files": [name], "data.num_samples": 1})
+    done = subprocess.run([sys.executable, str(REPO / "pipeline" / "tokenizer.py")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300,
+                          env={**_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error in stage 'tokenizer'")]
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in done.stderr
+    assert not (tmp_path / "data").exists()

@@ -19,7 +19,7 @@ from cvfp.params import Params, Phase1Params, Phase2Params
 from cvfp.resume import checkpointer, fingerprint, load_resume_state
 from cvfp.errors import StageError
 from test_phase1 import tiny_model as tiny_model1
-from test_phase2 import CONTEXT, stream
+from test_phase2 import CONTEXT, all_scored, labelled, stream
 from test_phase2 import tiny_model as tiny_model2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,14 +71,15 @@ def test_phase2_resumes_bitwise_from_a_checkpoint():
     params = Phase2Params(epochs=4, batch_size=8, lr=0.01, patience=4)
     states = []
     full_model = tiny_model2()
-    full = phase2.train_phase2(full_model, ids, cstar, val_ids, val_cstar, 100, params, seed=0, log=quiet,
-                               checkpoint=lambda state: states.append(roundtrip(state)))
+    val_scored, val_target_bytes = labelled(val_ids)
+    full = phase2.train_phase2(full_model, ids, cstar, val_ids, val_cstar, val_scored, val_target_bytes, params, seed=0,
+                               log=quiet, checkpoint=lambda state: states.append(roundtrip(state)))
     assert [s["epoch"] for s in states] == [1, 2, 3]
     lines = []
     torch.manual_seed(999)
     resumed_model = tiny_model2()
-    resumed = phase2.train_phase2(resumed_model, ids, cstar, val_ids, val_cstar, 100, params, seed=0,
-                                  log=lines.append, resume_state=states[1])
+    resumed = phase2.train_phase2(resumed_model, ids, cstar, val_ids, val_cstar, val_scored, val_target_bytes, params,
+                                  seed=0, log=lines.append, resume_state=states[1])
     assert any("resuming from epoch 3" in line for line in lines)
     assert resumed.summary == full.summary
     assert untimed(resumed.history) == untimed(full.history)
@@ -131,13 +132,14 @@ def test_phase2_divergence_stops_naming_the_epoch():
     cstar = torch.full((40, CONTEXT), float("nan"))
     params = Phase2Params(epochs=3, batch_size=8, lr=0.01, patience=3, max_nonfinite_steps=2)
     with pytest.raises(StageError, match=r"epoch 1, batch 2/5"):
-        phase2.train_phase2(tiny_model2(), ids, cstar, ids, cstar, 100, params, seed=0, log=quiet)
+        phase2.train_phase2(tiny_model2(), ids, cstar, ids, cstar, *all_scored(ids), params, seed=0, log=quiet)
 
 
 # ---- the real stage, killed and rerun ----------------------------------------------------------------------------
 
 TINY = {
-    "device": "cpu", "data.num_samples": 6, "tokenizer.vocab_size": 320, "carve.val_fraction": 0.5,
+    "device": "cpu", "data.num_samples": 8, "tokenizer.vocab_size": 320, "carve.val_fraction": 0.3,
+    "carve.test_fraction": 0.3,  # train | val | test: each held-out part keeps at least one document
     "model.context_dim": 8, "model.embed_dim": 8, "model.hidden_dim": 16, "model.layer_structure": [1, 1],
     "phase1.max_iterations": 40, "phase1.batch_tokens": 512, "phase1.effective_rank_samples": 0,
     "phase1.min_converged_ratio": 1.0, "phase1.checkpoint_interval": 1,

@@ -6,8 +6,9 @@ import pytest
 from tokenizers import pre_tokenizers
 
 from cvfp.data.corpus import BOUNDARY_TOKEN, ROLE_TOKENS, SPECIAL_TOKENS, message_contents
-from cvfp.data.tokenizer import (MAX_TRAINING_WORD_CHARS, PRE_TOKENIZER_WHITESPACE, bounded_texts, decode,
-                                 encode_prompt, load_tokenizer, save_tokenizer, special_token_ids, train_tokenizer)
+from cvfp.data.tokenizer import (MAX_TRAINING_WORD_CHARS, PRE_TOKENIZER_WHITESPACE, bounded_texts, byte_level_alphabet,
+                                 decode, encode_prompt, load_tokenizer, save_tokenizer, special_token_ids, token_bytes,
+                                 token_byte_lengths, train_tokenizer)
 from cvfp.errors import ArtifactError
 
 from conftest import UNICODE_SAMPLES
@@ -107,3 +108,40 @@ def test_text_without_a_long_run_is_fed_whole(documents):
     texts = [ordinary, at_the_bound, *message_contents(documents)]
     assert list(bounded_texts(texts)) == texts
     assert list(bounded_texts([at_the_bound + "x"])) == [at_the_bound, "x"]
+
+
+# ---- bytes of a token -------------------------------------------------------------------------------------------
+
+def test_the_inverted_alphabet_is_the_byte_level_alphabet():
+    inverse = byte_level_alphabet()
+    assert set(inverse) == set(pre_tokenizers.ByteLevel.alphabet()) and sorted(inverse.values()) == list(range(256))
+    # every byte a UTF-8 text can hold maps back through the pre-tokenizer's own characters
+    chars = [chr(c) for c in range(0x800)] + ["\u4e2d", "\uffff", "\U0001F600", "\U0010FFFF"]
+    for char in chars:
+        (written, _), = PRE_TOKENIZER.pre_tokenize_str(char)
+        assert bytes(inverse[c] for c in written) == char.encode("utf-8"), repr(char)
+
+
+@pytest.mark.parametrize("text", UNICODE_SAMPLES + [UNSEEN, "caf\u00e9 \u00e9\u00e9\u00e9 na\u00efve \U0001F600" * 3])
+def test_token_bytes_spell_the_text_exactly(documents, text):
+    """Tokens of a multi-byte character (an emoji split in two) carry its bytes, not a decoded U+FFFD."""
+    tokenizer = train_tokenizer(documents + [{"messages": [{"role": "user", "content": "\U0001F600 \u00e9" * 5}]}],
+                                VOCAB, MIN_FREQUENCY)
+    table = token_bytes(tokenizer)
+    ids = tokenizer.encode(text).ids
+    assert b"".join(table[i] for i in ids) == text.encode("utf-8")
+    lengths = token_byte_lengths(tokenizer)
+    assert sum(lengths[i] for i in ids) == len(text.encode("utf-8"))
+    assert len(lengths) == tokenizer.get_vocab_size()
+    assert [lengths[i] for i in special_token_ids(tokenizer).values()] == [0, 0, 0, 0]
+    assert all(n > 0 for i, n in enumerate(lengths) if i >= len(SPECIAL_TOKENS))
+
+
+def test_a_vocabulary_that_is_not_byte_level_is_refused(documents):
+    from tokenizers import Tokenizer, models
+
+    broken = Tokenizer(models.BPE(vocab={"<|endoftext|>": 0, "<|user|>": 1, "<|assistant|>": 2, "<|system|>": 3,
+                                         "a": 4, "\u4e2d": 5}, merges=[]))
+    broken.add_special_tokens(list(SPECIAL_TOKENS))
+    with pytest.raises(ArtifactError, match=r"token 5 .* not in the ByteLevel alphabet"):
+        token_bytes(broken)

@@ -35,7 +35,8 @@ from cvfp.distributed import current as current_world
 from cvfp.errors import ArtifactError
 from cvfp.io import load_checkpoint, save_checkpoint
 from cvfp.loop import EarlyStopping, LoopResult, NonFiniteGuard
-from cvfp.metrics import finite_or_none, format_number, format_rate, next_token_metrics
+from cvfp.metrics import (EMPTY_COUNTS, add_counts, count_predictions, finite_or_none, format_number, format_rate,
+                          next_token_metrics)
 from cvfp.model import ModelArgs, phase2_trainable_parameters, trainable_parameters
 from cvfp.runtime import progress
 
@@ -181,38 +182,51 @@ def windows(ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor
     return inputs.view(count, seq_len), targets.view(count, seq_len)
 
 
-@torch.no_grad()
-def validation_counts(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int) -> dict[str, Any]:
-    """Validation counts over the N-1 predicted positions of ids (N,): dict(total_nats, tokens, correct).
+def windowed(values: torch.Tensor, seq_len: int, fill) -> torch.Tensor:
+    """A per-prediction tensor (N-1,) laid out like `windows`' targets: (W, seq_len), the padding `fill`."""
+    count = max(math.ceil(values.numel() / seq_len), 0)
+    out = values.new_full((count * seq_len,), fill)
+    out[:values.numel()] = values
+    return out.view(count, seq_len)
 
-    The GRU runs the windows in order with its state carried (one pass over the stream);
-    the Transformer runs them batched, each from scratch.
+
+@torch.no_grad()
+def validation_counts(model: nn.Module, ids: torch.Tensor, scored: torch.Tensor, target_bytes: torch.Tensor,
+                      seq_len: int, batch_size: int) -> dict[str, Any]:
+    """Next-token counts over the N-1 predictions of ids (N,): `count_predictions`' sums over the scored ones.
+
+    scored (N-1,) bool and target_bytes (N-1,) come with the split (cvfp.data.carve). The GRU
+    runs the windows in order with its state carried (one pass over the stream); the
+    Transformer runs them batched, each from scratch.
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     inputs, targets = (t.to(device) for t in windows(ids, seq_len))
-    total_nats, tokens, correct = 0.0, 0, 0
+    keep = windowed(scored.to(device), seq_len, False)  # padded positions are never scored
+    sizes = windowed(target_bytes.to(device), seq_len, 0)
+    counts = dict(EMPTY_COUNTS)
     state = None
     step = 1 if model.carries_state else batch_size
     for start in range(0, inputs.shape[0], step):
         x, y = inputs[start:start + step], targets[start:start + step]
         logits, state = model(x, state)
-        logits, y = logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)
-        valid = y != IGNORE
-        total_nats += float(F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum").double())
-        tokens += int(valid.sum())
-        correct += int(((logits.argmax(dim=-1) == y) & valid).sum())
+        y = y.reshape(-1).clamp_min(0)  # IGNORE padding: any valid id, it is not scored
+        counts = add_counts(counts, count_predictions(logits.reshape(-1, logits.shape[-1]), y,
+                                                      keep[start:start + step].reshape(-1),
+                                                      sizes[start:start + step].reshape(-1)))
     model.train(was_training)
-    return {"total_nats": total_nats, "predictions": tokens, "correct": correct}
+    return counts
 
 
-def train_baseline(model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Tensor, val_bytes: int, params,
+def train_baseline(model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Tensor, val_scored: torch.Tensor,
+                   val_target_bytes: torch.Tensor, params,
                    lr: float, budget_tokens: int, seed: int, name: str,
                    log: Callable[[str], None] = print, world: World | None = None) -> LoopResult:
     """Train a baseline for at most `budget_tokens` predicted positions, early-stopping on val loss.
 
-    train_ids (N,), val_ids (M,); `params` is the `baselines` section (seq_len, batch_size,
+    train_ids (N,), val_ids (M,) with val_scored and val_target_bytes (M-1,) (which validation
+    predictions are scored, their targets' bytes); `params` is the `baselines` section (seq_len, batch_size,
     patience, grad_clip, max_nonfinite_steps). An epoch is one shuffled pass over the train
     windows (N-1 positions); the last epoch stops mid-way when the budget runs out (targets
     past it are masked). On return the model holds the weights of the epoch with the lowest
@@ -276,7 +290,8 @@ def train_baseline(model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Ten
         bar.close()
         tokens_seen += seen
 
-        val = next_token_metrics(validation_counts(model, val_ids, params.seq_len, params.batch_size), val_bytes)
+        val = next_token_metrics(validation_counts(model, val_ids, val_scored, val_target_bytes, params.seq_len,
+                                                   params.batch_size), prefix="val_")
         row = {"epoch": epoch, "train_loss": total / seen if seen else None, "train_tokens_seen": tokens_seen,
                **{k: finite_or_none(v) for k, v in val.items()}, "skipped_steps": guard.skipped,
                "seconds": time.perf_counter() - tick}
@@ -302,7 +317,7 @@ def train_baseline(model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Ten
         "stopped_early": stopper.stopped_early, "skipped_steps": guard.skipped, "budget_tokens": budget_tokens,
         "train_tokens_seen": tokens_seen, "train_tokens": int(train_ids.numel()), "val_tokens": int(val_ids.numel()),
         "best": {key: best_row.get(key) for key in ("train_loss", "val_loss", "val_ppl", "val_acc", "val_bpb",
-                                                     "total_nats", "predictions", "correct")},  # the best epoch's row
+                                                     "total_nats", "predictions", "correct", "bytes")},  # the best epoch's row
     }
     seconds = time.perf_counter() - started
     result.timing = {"seconds": seconds, "train_tokens_per_second": tokens_seen / seconds,

@@ -1,10 +1,10 @@
 """Is CVFP any good? CVFP (fixed and free-running), the GRU and the Transformer in one table, and samples.
 
-Every model's numbers come from the same summed counts over the same validation positions
-(the N-1 next-token predictions of the validation stream): total cross-entropy nats, the
-number of predictions, top-1 hits. Loss, perplexity, accuracy and bits per byte are then
-computed for all of them by one function, `cvfp.metrics.next_token_metrics` (bits per byte:
-`cvfp.metrics.bits_per_byte`, total nats / (ln 2 x validation UTF-8 bytes)).
+Every model's numbers come from the same summed counts over the same held-out **test**
+predictions, scored once with the weights validation chose: total cross-entropy nats, the
+scored predictions, top-1 hits and the UTF-8 bytes of their targets, all counted by one
+function (`cvfp.metrics.count_predictions`). Loss, perplexity, accuracy and bits per byte
+are then computed for all of them by `cvfp.metrics.next_token_metrics`.
 
 Training seconds are wall clock: they are read from metrics/timing/*.json and never written
 to metrics/compare.json, which must be identical when the same params run twice.
@@ -13,6 +13,7 @@ to metrics/compare.json, which must be identical when the same params run twice.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,46 +24,48 @@ from cvfp.data.cache import TokenStream
 from cvfp.data.corpus import ROLE_TOKENS
 from cvfp.data.tokenizer import decode, special_token_ids
 from cvfp.errors import StageError
-from cvfp.metrics import finite_or_none, format_number, next_token_metrics
+from cvfp.metrics import finite_or_none, format_number, format_rate, next_token_metrics
 
 ROWS = ("cvfp_fixed", "cvfp_free", *KINDS)
 LABELS = {"cvfp_fixed": "CVFP fixed (contexts = C*)", "cvfp_free": "CVFP free-running", "gru": "GRU",
           "transformer": "Transformer"}
-COUNTS = ("total_nats", "predictions", "correct")
+COUNTS = ("total_nats", "predictions", "correct", "bytes")
 SAMPLE_MODELS = ("cvfp", *KINDS)
 
 
 def comparison(evaluation: dict[str, Any], phase1: dict[str, Any], phase2: dict[str, Any],
                baselines: dict[str, Any]) -> dict[str, Any]:
-    """metrics/compare.json from metrics/{eval,phase1,phase2,baselines}.json.
+    """metrics/compare.json from metrics/{eval,phase1,phase2,baselines}.json, on the test split.
 
-    Refuses inputs measured on different validation data (other byte or position counts).
+    Refuses inputs scored on different test data (other prediction or byte counts).
     """
-    val_bytes = evaluation["val_bytes"]
-    if baselines["val_bytes"] != val_bytes:
-        raise StageError(f"metrics/baselines.json has {baselines['val_bytes']} validation bytes, metrics/eval.json "
-                           f"{val_bytes}: rerun the stale stage (dvc repro)")
-    sources = {f"cvfp_{mode}": evaluation[mode] for mode in ("fixed", "free")}
-    sources.update({kind: baselines[kind]["best"] for kind in KINDS})
-    positions = {name: source["predictions"] for name, source in sources.items()}
-    if len(set(positions.values())) != 1:
-        raise StageError(f"the models were validated on different numbers of positions {positions}: rerun the "
-                           f"stale stage (dvc repro)")
+    sources = {f"cvfp_{mode}": evaluation["test"][mode] for mode in ("fixed", "free")}
+    sources.update({kind: baselines[kind]["test"] for kind in KINDS})
+    scored = {name: (source["predictions"], source["bytes"]) for name, source in sources.items()}
+    if len(set(scored.values())) != 1:
+        raise StageError(f"the models were tested on different predictions (scored predictions, bytes): {scored}; "
+                         f"rerun the stale stage (dvc repro)")
     models = {}
     for name, source in sources.items():
-        is_cvfp = name.startswith("cvfp")
-        trained = phase2 if is_cvfp else baselines[name]
-        models[name] = {**next_token_metrics({key: source[key] for key in COUNTS}, val_bytes),
+        trained = phase2 if name.startswith("cvfp") else baselines[name]
+        models[name] = {**next_token_metrics({key: source[key] for key in COUNTS}),
                         "trainable_parameters": trained["trainable_parameters"],
                         "train_tokens_seen": trained["train_tokens_seen"]}
     target = phase2["trainable_parameters"]
+    predictions, num_bytes = next(iter(scored.values()))
     return {
+        "split": "test",
         "models": {name: {key: finite_or_none(value) for key, value in row.items()} for name, row in models.items()},
-        "val_bytes": val_bytes, "val_predictions": next(iter(positions.values())),
+        "test_predictions": predictions, "test_bytes": num_bytes,
         "parameter_ratio": {kind: models[kind]["trainable_parameters"] / target for kind in KINDS},
         "phase1_iterations": phase1["iterations"], "phase1_train_tokens": phase1["train"]["tokens"],
-        "best_val_bpb": min((row["val_bpb"], name) for name, row in models.items())[1],
+        "best_test_bpb": min(models, key=lambda name: _or_inf(models[name]["bpb"])),
     }
+
+
+def _or_inf(value: float | None) -> float:
+    """A number to rank by: missing or NaN ranks last."""
+    return math.inf if value is None or not math.isfinite(value) else value
 
 
 def training_seconds(timing_dir: str | Path) -> dict[str, float | None]:
@@ -82,24 +85,25 @@ def training_seconds(timing_dir: str | Path) -> dict[str, float | None]:
 
 def comparison_table(compare: dict[str, Any], seconds: dict[str, float | None]) -> str:
     """The comparison table (markdown, readable as plain text) with its footnotes."""
-    header = ("model", "val loss", "val ppl", "val accuracy", "val bits/byte", "trainable params", "training tokens",
-              "training s")
+    header = ("model", "test bits/byte", "test loss", "test ppl", "test accuracy", "trainable params",
+              "training tokens", "training s")
     rows = []
     for name in ROWS:
         m = compare["models"][name]
-        rows.append((LABELS[name], format_number(m["val_loss"]), format_number(m["val_ppl"], ".2f"),
-                     f"{100 * m['correct'] / m['predictions']:.1f}% ({m['correct']}/{m['predictions']})",
-                     format_number(m["val_bpb"]), str(m["trainable_parameters"]), str(m["train_tokens_seen"]),
-                     format_number(seconds.get(name), ".1f")))
+        rows.append((LABELS[name], format_number(m["bpb"]), format_number(m["loss"]), format_number(m["ppl"], ".2f"),
+                     format_rate(m["correct"], m["predictions"]),
+                     str(m["trainable_parameters"]), str(m["train_tokens_seen"]), format_number(seconds.get(name), ".1f")))
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in (header, *rows)]
     lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
     ratios = ", ".join(f"{LABELS[kind]} {ratio - 1:+.1%}" for kind, ratio in compare["parameter_ratio"].items())
     lines += [
         "",
-        f"- validation: the same {compare['val_predictions']} next-token predictions for every model; bits per byte = "
-        f"total nats / (ln 2 x {compare['val_bytes']} UTF-8 bytes), one function for all "
-        f"(cvfp.metrics.next_token_metrics). Lowest bits per byte: {LABELS[compare['best_val_bpb']]}.",
+        f"- test: the same {compare['test_predictions']} scored next-token predictions for every model, scored once "
+        f"with the weights validation chose (nothing was chosen on test); bits per byte = total nats / (ln 2 x "
+        f"{compare['test_bytes']} UTF-8 bytes of the scored targets; role/boundary markers and ids unseen in "
+        f"training are not scored), one function for all (cvfp.metrics). Lowest bits per byte: "
+        f"{LABELS[compare['best_test_bpb']]}.",
         f"- trainable params: CVFP's = what Phase 2 trains; the baselines are matched within "
         f"{PARAM_TOLERANCE:.0%} ({ratios}); embeddings and heads untied everywhere.",
         f"- training tokens: next-token predictions trained on (the budget is Phase 2's). CVFP's Phase 1 also made "
@@ -107,7 +111,7 @@ def comparison_table(compare: dict[str, Any], seconds: dict[str, float | None]) 
         f"next-token objective.",
         "- training s: wall clock from metrics/timing/ (not in compare.json): CVFP = phase1 + C* (train) + phase2; "
         "the baselines' own training; all include their per-epoch validation.",
-        "- GRU: hidden state carried across the validation stream (like CVFP's free-running scan); Transformer: "
+        "- GRU: hidden state carried across the test stream (like CVFP's free-running scan); Transformer: "
         "non-overlapping windows of baselines.seq_len tokens, no carry.",
     ]
     return "\n".join(lines)

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from cvfp.baselines import load_baseline
 from cvfp.data.corpus import BOUNDARY_TOKEN
 from cvfp.data.tokenizer import decode, encode_prompt, load_tokenizer, special_token_ids
-from cvfp.errors import ArtifactError
+from cvfp.errors import ArtifactError, ParamsError
 from cvfp.io import require_fresh, sha256_file
 from cvfp.model import load_model
 from cvfp.runtime import resolve_device
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         tokenizer = load_tokenizer(args.tokenizer)
         model = load_generator(args.model, args.checkpoint, resolve_device(args.device), args.tokenizer)
-    except (ArtifactError, RuntimeError) as err:
+    except (ArtifactError, ParamsError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(reply(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,

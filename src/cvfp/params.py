@@ -52,8 +52,18 @@ class TokenizerParams(_Section):
 
 class CarveParams(_Section):
     method: Literal["tail"] = "tail"
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
-    unseen: Literal["drop_docs", "fail"] = "drop_docs"
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    unseen: Literal["mask", "drop_docs", "fail"] = "mask"
+    max_unscored_fraction: Fraction = 0.5  # of a held-out part's predictions, unscored for unseen ids
+
+    @model_validator(mode="after")
+    def _tail_leaves_training(self) -> "CarveParams":
+        # in floats: a sum of exactly 1 that rounds below it leaves no training bytes, refused by the held-out rule
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"carve.val_fraction + carve.test_fraction must be below 1 (training is the rest), "
+                             f"got {self.val_fraction} + {self.test_fraction}")
+        return self
 
 
 class ModelParams(_Section):
@@ -84,7 +94,7 @@ class Phase1Params(_Section):
     grad_clip: PosFloat = 1.0
     dist_reg_weight: Fraction = 0.9
     diversity: Literal["global_deviation", "ema_variance"] = "global_deviation"
-    ema_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.99
+    ema_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.99  # per token (the seed's); per iteration ** N
     recon_weight: NonNegFloat = 0.0
     convergence_threshold: PosFloat = 0.01
     min_converged_ratio: Fraction = 0.95
@@ -118,12 +128,14 @@ class EvaluateParams(_Section):
     batch_size: PosInt = 2048
     identity_samples: PosInt = 512
     identity_threshold: Fraction = 0.95
-    num_trials: Annotated[int, Field(ge=3)] = 4  # a slope needs >= 2 recorded MSEs
+    num_trials: Annotated[int, Field(ge=3)] = 10  # the original's; a slope needs >= 2 recorded MSEs
     final_diff_threshold: PosFloat = 1e-3
-    slope_threshold: PosFloat = 1e-3
-    std_threshold: PosFloat = 1e-2
+    slope_threshold: PosFloat = 0.05  # relative: |slope of the trial MSEs| / their mean, per trial
     contraction_samples: PosInt = 16
-    contraction_power_iterations: PosInt = 20
+    contraction_power_iterations: PosInt = 200  # used where context_dim > exact_eigen_max_dim
+    exact_eigen_max_dim: NonNegInt = 256  # context_dim up to which the spectral radius is exact (eigenvalues)
+    lyapunov_steps: NonNegInt = 4096  # Jacobians along the trajectory per Lyapunov estimate; 0 = the whole stream
+    lyapunov_blocks: Annotated[int, Field(ge=2)] = 8  # block means for its standard error (after one burn-in block)
     attractor_cosine: Fraction = 0.99
     attractor_distance: PosFloat = 0.1
     zero_norm: PosFloat = 0.1

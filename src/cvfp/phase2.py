@@ -9,9 +9,14 @@ changes. `context_mode: replace` (seed 001's v2.0) feeds C*[t] to the head inste
 context_out and drops the stability term. The head, zero and frozen in Phase 1, starts
 from a seeded normal initialisation (`CVFPModel.init_head_`).
 
-Validation uses the same loss function (`phase2_losses`), so "validation loss" (early
-stopping) is the training objective measured on the validation stream: CE plus the stability
-term in `stability` mode, CE alone in `replace` mode.
+Names: the *objective* is what training minimises, CE plus the stability term in `stability`
+mode (CE alone in `replace` mode); the *loss* is the cross-entropy in nats per prediction, as
+everywhere in this project. Validation runs the same loss function (`phase2_losses`) and
+counts its predictions with the one counting rule of every evaluation
+(`cvfp.metrics.count_predictions`: scored predictions only). Early stopping and the best
+epoch follow the validation *loss*: it is the number every model is compared on, while the
+stability term is a training device whose scale (`context_stability_weight`) would otherwise
+decide which epoch is kept.
 
 Where the fast paths apply (CUDA, see cvfp.fast), the batch's forward and losses, from the
 embedding lookup to the cross-entropy, run as one compiled function.
@@ -38,7 +43,8 @@ from cvfp import fast
 from cvfp.distributed import Shard, World, backward_and_step, broadcast_module, main_only, sampler_batches, sum_numbers
 from cvfp.distributed import current as current_world
 from cvfp.loop import EarlyStopping, LoopResult, NonFiniteGuard, restore_state, save_state
-from cvfp.metrics import bits_per_byte, finite_or_none, format_number, format_rate, perplexity
+from cvfp.metrics import (EMPTY_COUNTS, add_counts, count_predictions, finite_or_none, format_number, format_rate,
+                          next_token_metrics, perplexity)
 from cvfp.model import CVFPModel, trainable_parameters
 from cvfp.runtime import progress
 
@@ -63,11 +69,11 @@ def forward(model: CVFPModel, token_ids: torch.Tensor, context_in: torch.Tensor,
 def phase2_losses(model: CVFPModel, ids: torch.Tensor, cstar: torch.Tensor, positions: torch.Tensor,
                   context_mode: str, stability_weight: float, precision: str = "fp32",
                   options: fast.FastOptions = fast.DEFAULT) -> dict[str, torch.Tensor]:
-    """The Phase-2 loss of a batch of positions (B,), predicting ids[positions + 1]: the train step's and validation's.
+    """The Phase-2 losses of a batch of positions (B,), predicting ids[positions + 1]: the train step's and validation's.
 
-    Returns scalars `loss` (the objective), `ce` (mean cross-entropy), `stability`
-    (MSE(context_out, C*[t]), measured in both modes, part of `loss` only in `stability`
-    mode) and `correct` (top-1 hits, a count).
+    Returns scalars `objective` (what training minimises), `loss` (mean cross-entropy) and
+    `stability` (MSE(context_out, C*[t]), measured in both modes, part of the objective only
+    in `stability` mode), and the `logits` (B, V) for counting.
     """
     device = next(model.parameters()).device
     token_ids = ids[positions.to(ids.device)].to(device)
@@ -92,55 +98,59 @@ def _losses(model: CVFPModel, token_ids: torch.Tensor, context_in: torch.Tensor,
         logits, context_out = forward(model, token_ids, context_in, target_contexts, context_mode, step)
     ce = F.cross_entropy(logits.float(), targets)
     stability = F.mse_loss(context_out.float(), target_contexts.float())
-    loss = ce + stability_weight * stability if context_mode == "stability" else ce
-    correct = (logits.argmax(dim=-1) == targets).sum()
-    return {"loss": loss, "ce": ce, "stability": stability, "correct": correct}
+    objective = ce + stability_weight * stability if context_mode == "stability" else ce
+    return {"objective": objective, "loss": ce, "stability": stability, "logits": logits}
 
 
 @torch.no_grad()
-def evaluate_fixed(model: CVFPModel, ids: torch.Tensor, cstar: torch.Tensor, batch_size: int, context_mode: str,
-                   precision: str = "fp32", world: World | None = None) -> dict[str, Any]:
-    """Next-token numbers with contexts = C* over all N-1 positions of a stream, batched, no gradients.
+def evaluate_fixed(model: CVFPModel, ids: torch.Tensor, cstar: torch.Tensor, scored: torch.Tensor,
+                   target_bytes: torch.Tensor, batch_size: int, context_mode: str, precision: str = "fp32",
+                   world: World | None = None) -> dict[str, Any]:
+    """Next-token counts with contexts = C* over the N-1 predictions of a stream, batched, no gradients.
 
-    ids (N,), cstar (N, C) -> dict(total_nats: summed CE, predictions: N-1, correct: top-1 hits,
-    stability_mse: mean MSE(context_out, C*[t]) over positions and dimensions).
-    Under torchrun each rank takes a contiguous shard of the positions and the sums are reduced.
+    ids (N,), cstar (N, C), scored (N-1,) bool, target_bytes (N-1,) -> `count_predictions`' sums
+    (total_nats, predictions, correct, bytes over the scored predictions) and stability_mse, the
+    mean MSE(context_out, C*[t]) over all N-1 positions and dimensions. Under torchrun each rank
+    takes a contiguous shard of the positions and the sums are reduced.
     """
     part = Shard(ids.shape[0] - 1, world or current_world())
     positions = torch.arange(part.lo, part.hi, device=ids.device)
-    total_nats, correct, stability_sum = 0.0, 0, 0.0
+    scored, target_bytes = scored.to(ids.device), target_bytes.to(ids.device)  # indexed by the positions below
+    counts, stability_sum = dict(EMPTY_COUNTS), 0.0
     for batch in positions.split(batch_size):
-        losses = phase2_losses(model, ids, cstar, batch, context_mode, 0.0, precision)
-        total_nats += float(losses["ce"]) * batch.numel()
-        stability_sum += float(losses["stability"]) * batch.numel()
-        correct += int(losses["correct"])
-    sums = sum_numbers({"total_nats": total_nats, "correct": correct, "stability": stability_sum}, part.world)
-    return {"total_nats": sums["total_nats"], "predictions": part.n, "correct": int(sums["correct"]),
-            "stability_mse": sums["stability"] / max(part.n, 1)}
+        out = phase2_losses(model, ids, cstar, batch, context_mode, 0.0, precision)
+        targets = ids[batch + 1].to(out["logits"].device)
+        counts = add_counts(counts, count_predictions(out["logits"], targets, scored[batch], target_bytes[batch]))
+        stability_sum += float(out["stability"]) * batch.numel()
+    sums = sum_numbers({**counts, "stability": stability_sum}, part.world)
+    return {"total_nats": sums["total_nats"], "predictions": int(sums["predictions"]), "correct": int(sums["correct"]),
+            "bytes": int(sums["bytes"]), "stability_mse": sums["stability"] / max(part.n, 1)}
 
 
-def _validation_row(model: CVFPModel, val_ids: torch.Tensor, val_cstar: torch.Tensor, val_bytes: int,
-                    params, world: World) -> dict[str, Any]:
-    val = evaluate_fixed(model, val_ids, val_cstar, params.batch_size, params.context_mode, params.precision, world)
-    ce = val["total_nats"] / val["predictions"]
-    loss = ce + params.context_stability_weight * val["stability_mse"] if params.context_mode == "stability" else ce
-    return {"val_loss": loss, "val_ce": ce, "val_stability": val["stability_mse"], "val_ppl": perplexity(ce),
-            "val_acc": val["correct"] / val["predictions"], "val_correct": val["correct"], "val_predictions": val["predictions"],
-            "val_bpb": bits_per_byte(val["total_nats"], val_bytes)}
+def _validation_row(model: CVFPModel, val_ids: torch.Tensor, val_cstar: torch.Tensor, val_scored: torch.Tensor,
+                    val_target_bytes: torch.Tensor, params, world: World) -> dict[str, Any]:
+    val = evaluate_fixed(model, val_ids, val_cstar, val_scored, val_target_bytes, params.batch_size,
+                         params.context_mode, params.precision, world)
+    row = next_token_metrics(val, prefix="val_")
+    weight = params.context_stability_weight if params.context_mode == "stability" else 0.0
+    return {"val_objective": row["val_loss"] + weight * val["stability_mse"], "val_loss": row["val_loss"],
+            "val_stability": val["stability_mse"], "val_ppl": row["val_ppl"], "val_acc": row["val_acc"],
+            "val_correct": val["correct"], "val_predictions": val["predictions"], "val_bpb": row["val_bpb"]}
 
 
 def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.Tensor, val_ids: torch.Tensor,
-                 val_cstar: torch.Tensor, val_bytes: int, params, seed: int,
+                 val_cstar: torch.Tensor, val_scored: torch.Tensor, val_target_bytes: torch.Tensor, params, seed: int,
                  log: Callable[[str], None] = print, *,
                  checkpoint: Callable[[dict[str, Any]], None] | None = None,
                  resume_state: dict[str, Any] | None = None, world: World | None = None,
                  options: fast.FastOptions = fast.DEFAULT) -> LoopResult:
     """Train the head (and, unless frozen, blocks and embedding) on C*, with early stopping.
 
-    train_ids (N,), train_cstar (N, C), val_ids (M,), val_cstar (M, C); `val_bytes` is the
-    UTF-8 byte count of the validation documents (bits per byte); `params` is the `phase2`
-    section. On return the model holds the weights of the epoch with the lowest validation
-    loss (the initial weights if no epoch gave a finite one).
+    train_ids (N,), train_cstar (N, C), val_ids (M,), val_cstar (M, C); val_scored (M-1,) and
+    val_target_bytes (M-1,) say which validation predictions are scored and their targets'
+    bytes (cvfp.data.carve); `params` is the `phase2` section. On return the model holds the
+    weights of the epoch with the lowest validation loss (the initial weights if no epoch gave
+    a finite one).
 
     `checkpoint(state)` is called every `params.checkpoint_interval` epochs (never after the
     last one) with everything needed to continue; `resume_state` (such a state) continues from
@@ -174,7 +184,7 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
     started = time.perf_counter()
     for epoch in range(first, params.epochs + 1):
         tick = time.perf_counter()
-        sums = {"loss": 0.0, "ce": 0.0, "stability": 0.0}
+        sums = {"objective": 0.0, "loss": 0.0, "stability": 0.0}
         seen = 0
         batches = sampler_batches(num_positions, params.batch_size, seed, epoch, world)
         bar = progress(batches, total=num_batches, desc=f"phase2 epoch {epoch}/{params.epochs}", unit="batch",
@@ -190,11 +200,11 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
         bar.close()
         tokens_seen += seen
 
-        train_ce = sums["ce"] / seen if seen else None
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": sums["loss"] / seen if seen else None, "train_ce": train_ce,
-                               "train_stability": sums["stability"] / seen if seen else None,
-                               "train_ppl": perplexity(train_ce)}
-        row.update(_validation_row(model, val_ids, val_cstar, val_bytes, params, world))
+        train_loss = sums["loss"] / seen if seen else None
+        row: dict[str, Any] = {"epoch": epoch, "train_objective": sums["objective"] / seen if seen else None,
+                               "train_loss": train_loss, "train_stability": sums["stability"] / seen if seen else None,
+                               "train_ppl": perplexity(train_loss)}
+        row.update(_validation_row(model, val_ids, val_cstar, val_scored, val_target_bytes, params, world))
         row["skipped_steps"] = guard.skipped
         row["seconds"] = time.perf_counter() - tick
         result.history.append(row)
@@ -214,9 +224,10 @@ def train_phase2(model: CVFPModel, train_ids: torch.Tensor, train_cstar: torch.T
         "skipped_steps": guard.skipped, "trainable_parameters": trainable_parameters(model),
         "train_tokens_seen": tokens_seen,
         "train_tokens": train_ids.shape[0], "val_tokens": val_ids.shape[0], "context_mode": params.context_mode,
+        "early_stopping_on": "val_loss",
         "best": {key: finite_or_none(best_row.get(key)) for key in (  # the best epoch's row
-            "train_loss", "train_ce", "train_stability", "train_ppl", "val_loss", "val_ce", "val_stability", "val_ppl",
-            "val_acc", "val_correct", "val_predictions", "val_bpb")},
+            "train_objective", "train_loss", "train_stability", "train_ppl", "val_objective", "val_loss",
+            "val_stability", "val_ppl", "val_acc", "val_correct", "val_predictions", "val_bpb")},
     }
     seconds = time.perf_counter() - started
     result.timing = {"seconds": seconds, "train_tokens_per_second": tokens_seen / seconds,
@@ -229,20 +240,20 @@ def train_batch(model: CVFPModel, optimizer: torch.optim.Optimizer, trainable: l
                 options: fast.FastOptions = fast.DEFAULT) -> dict[str, float] | None:
     """One optimizer step on a global batch of `count` positions, of which this rank holds `batch` (the loop body).
 
-    Returns {loss, ce, stability} summed over the global batch, or None when the loss or the
+    Returns {objective, loss, stability} summed over the global batch, or None when the objective or the
     gradient was not finite and the step was skipped (identically on every rank).
     """
     loss, sums = _global_batch_loss(model, ids, cstar, batch, count, params, world, options)
-    if not math.isfinite(sums["loss"]) or not backward_and_step(loss, optimizer, trainable, params.grad_clip, world):
+    if not math.isfinite(sums["objective"]) or not backward_and_step(loss, optimizer, trainable, params.grad_clip, world):
         return None
     return sums
 
 
 def _global_batch_loss(model: CVFPModel, ids: torch.Tensor, cstar: torch.Tensor, batch: torch.Tensor, count: int,
                        params, world: World, options: fast.FastOptions) -> tuple[torch.Tensor, dict[str, float]]:
-    """The mean loss over a global batch of `count` positions, of which this rank holds `batch`.
+    """The mean objective over a global batch of `count` positions, of which this rank holds `batch`.
 
-    Returns (the loss to back-propagate, {loss, ce, stability} summed over the global batch).
+    Returns (the objective to back-propagate, {objective, loss, stability} summed over the global batch).
     The local sums are summed over ranks (differentiably, see cvfp.distributed) in one
     collective; a rank with an empty share contributes zeros.
     """
@@ -250,17 +261,18 @@ def _global_batch_loss(model: CVFPModel, ids: torch.Tensor, cstar: torch.Tensor,
     if batch.numel():
         losses = phase2_losses(model, ids, cstar, batch, params.context_mode, params.context_stability_weight,
                                params.precision, options)
-        local = torch.stack([losses["loss"], losses["ce"].detach(), losses["stability"].detach()]) * batch.numel()
+        local = torch.stack([losses["objective"], losses["loss"].detach(), losses["stability"].detach()]) * batch.numel()
     else:
         local = torch.zeros(3, device=device, requires_grad=True)
     total = Shard(count, world).sum(local)
-    return total[0] / count, dict(zip(("loss", "ce", "stability"), total.detach().tolist()))
+    return total[0] / count, dict(zip(("objective", "loss", "stability"), total.detach().tolist()))
 
 
 def _epoch_line(row: dict[str, Any], epochs: int, improved: bool) -> str:
     n = format_number
-    return (f"epoch {row['epoch']}/{epochs}: train loss {n(row['train_loss'])} (ce {n(row['train_ce'])}, "
-            f"ppl {n(row['train_ppl'], '.2f')}) | val loss {n(row['val_loss'])} (ce {n(row['val_ce'])}, "
-            f"stability {n(row['val_stability'], '.6f')}), ppl {n(row['val_ppl'], '.2f')}, "
+    return (f"epoch {row['epoch']}/{epochs}: train objective {n(row['train_objective'])} (loss "
+            f"{n(row['train_loss'])}, ppl {n(row['train_ppl'], '.2f')}) | val objective {n(row['val_objective'])}, "
+            f"val loss {n(row['val_loss'])} (nats/prediction), stability {n(row['val_stability'], '.6f')}, "
+            f"ppl {n(row['val_ppl'], '.2f')}, "
             f"acc {format_rate(row['val_correct'], row['val_predictions'])}, bpb {n(row['val_bpb'])}, "
             f"skipped steps {row['skipped_steps']} ({row['seconds']:.1f}s)" + (" *best" if improved else ""))

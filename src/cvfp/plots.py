@@ -85,15 +85,18 @@ def plot_phase1_iterations(csv_path: str | Path, path: str | Path) -> Path | Non
 
 
 def plot_phase2_epochs(csv_path: str | Path, path: str | Path) -> Path | None:
-    """Every `*loss*` column per epoch of metrics/phase2_epochs.csv."""
+    """The cross-entropy columns (`train_loss`, `val_loss`) per epoch of metrics/phase2_epochs.csv.
+
+    The objective (CE + stability) is a different quantity and is not drawn on the same axis.
+    """
     rows = read_table(csv_path)
     if not rows:
         return None
     x_key = "epoch" if "epoch" in rows[0] else next(iter(rows[0]))
-    columns = sorted({key for row in rows for key in row if "loss" in key})
+    columns = sorted({key for row in rows for key in row if key.endswith("_loss")})
     figure, (axis,) = _figure()
-    _curves(axis, rows, x_key, columns, "loss (nats/token)")
-    axis.set_title("Phase 2: loss per epoch")
+    _curves(axis, rows, x_key, columns, "cross-entropy (nats/prediction)")
+    axis.set_title("Phase 2: loss (CE) per epoch")
     return _save(figure, path)
 
 

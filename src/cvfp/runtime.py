@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cvfp.errors import ParamsError
+
 EXPERIMENT_TEMP_MARKER = os.path.join(".dvc", "tmp", "exps")
 
 
@@ -55,7 +57,8 @@ def seed_everything(seed: int) -> None:
 def resolve_device(name: str):
     """`auto` -> cuda when available else cpu; `cuda` without a GPU is an error."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for in params.yaml but no CUDA device is available (use auto or cpu)")
+        raise ParamsError("device: cuda was asked for, but this machine has no CUDA device (torch.cuda.is_available() "
+                          "is False); set device: auto or cpu")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)

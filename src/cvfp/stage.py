@@ -38,8 +38,12 @@ def run_stage(name: str, body: Callable[[Params, StageRun], None], params_file: 
             _fail(name, f"a process of the torchrun launch (distributed.nproc_per_node={nproc}) failed with exit "
                         f"code {code}; its error is above", code=code if code > 0 else 1)
         return
+    try:
+        device = resolve_device(params.device)
+    except ParamsError as err:
+        _fail(name, err)
     seed_everything(params.seed)
-    world = distributed.setup(resolve_device(params.device).type) if data_parallel else distributed.SINGLE
+    world = distributed.setup(device.type) if data_parallel else distributed.SINGLE
 
     run = StageRun(name, params.flat(), params_file) if world.is_main else NullRun()
     try:

@@ -9,7 +9,11 @@ Layout (N tokens, D documents):
 A document's tokens are, per message, its role token then the tokens of its content; the
 boundary token closes every document and belongs to it. Content is encoded as plain text, so
 a literal "<|user|>" typed inside a message stays text and never becomes a special id.
-The same layout is used for the train and validation splits (see `carve`).
+The same layout is used for the train, validation and test splits (see `carve`), which add
+two tensors aligned with the N-1 predictions ids[t] -> ids[t+1]:
+
+    scored       (N-1,) bool    the prediction counts in loss and bits per byte
+    target_bytes (N-1,) int64   UTF-8 bytes of the target ids[t+1] (0 for a special token)
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from cvfp.runtime import progress
 
 DOCS_PER_BATCH = 256  # documents per encode_batch call: large enough to use the Rust threads
 ID_DTYPE = torch.int64
+PREDICTION_TENSORS = ("scored", "target_bytes")  # present in split files only
 
 
 @dataclass(frozen=True)
@@ -43,11 +48,18 @@ class TokenStream:
     tokenizer_sha256: str
     vocab_size: int
     special_ids: dict[str, int]
-    name: str = "stream"       # "stream", "train" or "val"
+    name: str = "stream"       # "stream", "train", "val" or "test"
+    scored: torch.Tensor | None = None        # (N-1,) bool; splits only (see cvfp.data.carve)
+    target_bytes: torch.Tensor | None = None  # (N-1,) int64; splits only
 
     @property
     def num_tokens(self) -> int:
         return int(self.ids.numel())
+
+    @property
+    def num_predictions(self) -> int:
+        """Predictions ids[t] -> ids[t+1] in the stream: N-1 (0 for an empty stream)."""
+        return max(self.num_tokens - 1, 0)
 
     @property
     def num_docs(self) -> int:
@@ -107,6 +119,9 @@ def save_stream(path: str | Path, stream: TokenStream) -> None:
         "split": stream.name,
     }
     tensors = {"ids": stream.ids, "doc_offsets": stream.doc_offsets, "doc_bytes": stream.doc_bytes}
+    for name in PREDICTION_TENSORS:
+        if getattr(stream, name) is not None:
+            tensors[name] = getattr(stream, name)
     save_tensors(path, tensors, metadata)
 
 
@@ -126,7 +141,8 @@ def load_token_file(path: str | Path, tokenizer_path: str | Path, stage: str) ->
         stream = TokenStream(
             ids=tensors["ids"], doc_offsets=tensors["doc_offsets"], doc_bytes=tensors["doc_bytes"],
             tokenizer_sha256=current, vocab_size=int(meta["vocab_size"]),
-            special_ids=json.loads(meta["special_ids"]), name=meta.get("split", "stream"))
+            special_ids=json.loads(meta["special_ids"]), name=meta.get("split", "stream"),
+            scored=tensors.get("scored"), target_bytes=tensors.get("target_bytes"))
     except (KeyError, ValueError) as err:
         raise ArtifactError(f"{path}: missing field {err}; rerun the '{stage}' stage (dvc repro -f {stage})") from None
     problem = layout_problem(stream)
@@ -150,6 +166,18 @@ def layout_problem(stream: TokenStream) -> str | None:
         return "doc_offsets decrease"
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= stream.vocab_size):
         return f"token ids outside [0, {stream.vocab_size})"
+    scored, target_bytes = stream.scored, stream.target_bytes
+    if (scored is None) != (target_bytes is None):
+        return "scored and target_bytes come together"
+    if scored is not None:
+        shape = (stream.num_predictions,)
+        if tuple(scored.shape) != shape or tuple(target_bytes.shape) != shape:
+            return (f"scored {tuple(scored.shape)} and target_bytes {tuple(target_bytes.shape)} must both have the "
+                    f"shape {shape} of the N-1 predictions")
+        if scored.dtype != torch.bool or target_bytes.dtype != torch.int64:
+            return "scored must be bool and target_bytes int64"
+        if target_bytes.numel() and int(target_bytes.min()) < 0:
+            return "target_bytes must be >= 0"
     return None
 
 

@@ -11,21 +11,30 @@ the schema of `HuggingFaceH4/ultrachat_200k`; one conversation is one document. 
 - `files`: `.txt` (one file = one document, its content one user message) and `.jsonl`
   (rows with `messages`, or with `text` -> one user message).
 
-Text rule: text that is not valid Unicode scalar values (lone surrogates, and invalid UTF-8
-bytes in `.txt` files) is replaced by U+FFFD when a document is read. The cleaned text is what
-the tokenizer sees and what `document_bytes` counts, so the two always agree.
+Text rules. A `.txt` or `.jsonl` file that is not valid UTF-8 is refused, naming the file and
+the byte offset of its first invalid byte; a document more than half of whose characters are
+control characters (Unicode category Cc other than tab, newline and carriage return) is refused,
+naming the file and line or the document: such inputs are not text. Lone UTF-16 surrogates (a
+JSON escape like "\\ud800", or a hub string) are replaced by U+FFFD when a document is read. The
+cleaned text is what the tokenizer sees and what `document_bytes` counts, so the two always agree.
+
+Held-out rule (`split_documents`): the tail of the selected documents, by UTF-8 content bytes,
+is validation and then test; it is decided before any token exists, so the tokenizer stage
+trains on the training documents alone and carve cuts the token stream at the same documents.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from bisect import bisect_left
+from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from cvfp.errors import ArtifactError, StageError
-from cvfp.io import write_text
+from cvfp.io import read_json, write_json, write_text
 from cvfp.params import DataParams
 
 BOUNDARY_TOKEN = "<|endoftext|>"
@@ -37,6 +46,8 @@ JSONL_SUFFIXES = (".jsonl",)
 REPLACEMENT_CHAR = "\ufffd"
 # Lone UTF-16 surrogates cannot be encoded as UTF-8 (and the Rust tokenizer refuses them).
 _SURROGATES = re.compile("[\ud800-\udfff]")
+# Unicode category Cc is exactly U+0000-U+001F and U+007F-U+009F; tab, newline and carriage return are text.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,117 @@ def render(document: dict[str, Any]) -> str:
 def document_bytes(document: dict[str, Any]) -> int:
     """UTF-8 bytes of a document: the sum over its message contents (special tokens count 0 bytes)."""
     return sum(len(clean_text(m["content"]).encode("utf-8")) for m in document["messages"])
+
+
+def control_problem(text: str) -> str | None:
+    """Why `text` is not text (more than half of its characters are control characters), or None."""
+    controls = len(text) - len(_CONTROL.sub("", text))
+    if 2 * controls <= len(text):
+        return None
+    return (f"{controls} of {len(text)} characters are control characters (Unicode Cc other than tab, "
+            f"newline and carriage return): not text")
+
+
+def require_text(contents: Iterable[Any], where: str) -> None:
+    """Refuse a document whose message contents (the strings among them) are mostly control characters."""
+    problem = control_problem("".join(text for text in contents if isinstance(text, str)))
+    if problem:
+        raise StageError(f"{where}: {problem}")
+
+
+def read_utf8(path: Path) -> str:
+    """A file's text; bytes that are not valid UTF-8 are a StageError naming the file and the offending offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise StageError(f"data.files: {path}: not valid UTF-8: byte offset {err.start} (line {line}) starts an "
+                         f"invalid sequence {data[err.start:err.end]!r} ({err.reason}); "
+                         f"only UTF-8 text is read") from None
+
+
+@dataclass(frozen=True)
+class DocumentSplit:
+    """The held-out rule's answer for the selected documents, in order: train | val | test.
+
+    Written by the tokenizer stage as data/tokenizer/split.json, checked again by carve.
+    """
+
+    train_documents: int
+    val_documents: int
+    test_documents: int
+    val_fraction: float
+    test_fraction: float
+
+    @property
+    def val_start(self) -> int:
+        """Index of the first validation document."""
+        return self.train_documents
+
+    @property
+    def test_start(self) -> int:
+        """Index of the first test document."""
+        return self.train_documents + self.val_documents
+
+    @property
+    def documents(self) -> int:
+        return self.train_documents + self.val_documents + self.test_documents
+
+    def parts(self) -> dict[str, range]:
+        """Document indices of each part: {"train": range(0, v), "val": range(v, t), "test": range(t, D)}."""
+        return {"train": range(0, self.val_start), "val": range(self.val_start, self.test_start),
+                "test": range(self.test_start, self.documents)}
+
+    def describe(self) -> str:
+        return (f"{self.train_documents} training, {self.val_documents} validation and {self.test_documents} test "
+                f"documents (carve.val_fraction={self.val_fraction}, carve.test_fraction={self.test_fraction})")
+
+
+def split_documents(doc_bytes: Sequence[int], val_fraction: float, test_fraction: float) -> DocumentSplit:
+    """The one held-out rule, shared by the tokenizer stage and carve: the tail by UTF-8 content bytes.
+
+    doc_bytes: (D,) bytes of each document (`document_bytes`; the cache's doc_bytes). With B their
+    total and document k starting at byte offset s_k = doc_bytes[0] + ... + doc_bytes[k-1],
+    validation starts at the first document with s_k >= (1 - val_fraction - test_fraction) * B
+    and test at the first with s_k >= (1 - test_fraction) * B. The fractions are taken as the
+    decimals written in params.yaml (0.7 of 10 bytes is exactly 3, not 3.0000000000000004).
+    A part left without documents is a StageError.
+    """
+    starts = [0]
+    for size in doc_bytes:
+        starts.append(starts[-1] + int(size))
+    count, total = len(starts) - 1, starts[-1]
+    val, test = Fraction(repr(val_fraction)), Fraction(repr(test_fraction))
+    val_start = bisect_left(starts, (1 - val - test) * total, 0, count)
+    test_start = bisect_left(starts, (1 - test) * total, 0, count)
+    split = DocumentSplit(val_start, test_start - val_start, count - test_start, val_fraction, test_fraction)
+    if not (split.train_documents and split.val_documents and split.test_documents):
+        raise StageError(f"the held-out rule leaves an empty split: {split.describe()}, of {count} documents "
+                         f"({total} bytes); use more data.num_samples or other fractions")
+    return split
+
+
+def write_document_split(path: str | Path, split: DocumentSplit) -> None:
+    """Write split.json: {train_documents, val_documents, test_documents, val_fraction, test_fraction}."""
+    write_json(path, asdict(split))
+
+
+def read_document_split(path: str | Path) -> DocumentSplit:
+    """Read split.json; a missing or damaged file is an ArtifactError naming the tokenizer stage."""
+    raw = read_json(path, "tokenizer")
+    counts = ("train_documents", "val_documents", "test_documents")
+    try:
+        if set(raw) != {*counts, "val_fraction", "test_fraction"}:
+            raise ValueError(f"keys {sorted(raw)}")
+        if not all(type(raw[key]) is int and raw[key] >= 0 for key in counts):
+            raise ValueError("document counts must be integers >= 0")
+        if not all(type(raw[key]) in (int, float) for key in ("val_fraction", "test_fraction")):
+            raise ValueError("fractions must be numbers")
+        return DocumentSplit(**raw)
+    except (TypeError, ValueError) as err:
+        raise ArtifactError(f"{path}: not a document split ({err}); "
+                            f"rerun the 'tokenizer' stage (dvc repro -f tokenizer)") from None
 
 
 def message_contents(documents: Iterable[dict[str, Any]]) -> Iterable[str]:
@@ -138,7 +260,10 @@ def files_corpus(paths: list[str]):
             raise StageError(f"data.files: {name}: file not found")
         suffix = path.suffix.lower()
         if suffix in TEXT_SUFFIXES:
-            texts = _load_file("text", path, sample_by="document", encoding_errors="replace")["text"]
+            read_utf8(path)  # refuse invalid bytes with their offset, before `datasets` reads the file
+            texts = _load_file("text", path, sample_by="document")["text"]
+            for text in texts:
+                require_text([text], f"data.files: {path}")
             rows.extend({"messages": [{"role": "user", "content": text}]} for text in texts)
         elif suffix in JSONL_SUFFIXES:
             rows.extend(_jsonl_rows(path))
@@ -160,7 +285,10 @@ def _load_file(builder: str, path: Path, **options: Any):
 
 
 def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    if path.stat().st_size == 0:
+    text = read_utf8(path)  # refuse invalid bytes with their offset, before any parser replaces them
+    # Both readers skip blank lines, so row k comes from the k-th line that is not blank.
+    lines = [number for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    if not lines:
         return []
     try:
         dataset = _load_file("json", path)
@@ -168,29 +296,35 @@ def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
     except StageError:
         # Arrow's JSON parser refuses escaped lone surrogates ("\ud800") that Python's json accepts;
         # such rows are read here and cleaned by the text rule (U+FFFD) like every other document
-        rows = _python_json_rows(path)
+        rows = _python_json_rows(path, text)
         columns = sorted({key for row in rows for key in row})
         column = lambda name: [row.get(name) for row in rows]  # noqa: E731
     if "messages" in columns:
-        return [{"messages": messages} for messages in column("messages")]
-    if "text" in columns:
-        return [{"messages": [{"role": "user", "content": text}]} for text in column("text")]
-    raise StageError(f"data.files: {path}: rows need a 'messages' or a 'text' field (found: {', '.join(columns)})")
+        documents = [{"messages": messages} for messages in column("messages")]
+    elif "text" in columns:
+        documents = [{"messages": [{"role": "user", "content": text}]} for text in column("text")]
+    else:
+        raise StageError(f"data.files: {path}: rows need a 'messages' or a 'text' field (found: {', '.join(columns)})")
+    for row, document in enumerate(documents):
+        line = f":{lines[row]}" if len(lines) == len(documents) else f", row {row + 1}"
+        where = f"data.files: {path}{line}"
+        messages = document["messages"] if isinstance(document["messages"], list) else []
+        require_text((m.get("content") for m in messages if isinstance(m, dict)), where)
+    return documents
 
 
-def _python_json_rows(path: Path) -> list[dict[str, Any]]:
+def _python_json_rows(path: Path, text: str) -> list[dict[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise StageError(f"data.files: {path}: line {number} is not JSON ({err})") from None
-            if not isinstance(row, dict):
-                raise StageError(f"data.files: {path}: line {number} is not a JSON object")
-            rows.append(_clean_strings(row))
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise StageError(f"data.files: {path}: line {number} is not JSON ({err})") from None
+        if not isinstance(row, dict):
+            raise StageError(f"data.files: {path}: line {number} is not a JSON object")
+        rows.append(_clean_strings(row))
     return rows
 
 
@@ -238,7 +372,9 @@ def take_documents(corpus, num_samples: int, seed: int, origin: str = "the corpu
     documents: list[dict[str, Any]] = []
     skipped = 0
     for position, row in enumerate(shuffled):
-        document = normalize_document(row["messages"], f"{origin}, document {position} in seeded order")
+        where = f"{origin}, document {position} in seeded order"
+        document = normalize_document(row["messages"], where)
+        require_text((m["content"] for m in document["messages"]), where)
         if document_bytes(document) == 0:
             skipped += 1
             continue

@@ -12,6 +12,11 @@ longer than `MAX_TRAINING_WORD_CHARS` characters (the only places such a word ca
 of that length; a text without such a run is fed unchanged, so ordinary corpora train exactly as
 before. Encoding is not affected: the cache encodes every text whole, in time linear in its length.
 
+Bytes of a token (`token_bytes`): a byte-level token is written in the ByteLevel alphabet, one
+character per byte (GPT-2's `bytes_to_unicode`); inverting that alphabet gives each vocabulary
+entry's exact UTF-8 bytes, which bits per byte counts. Special tokens have no bytes. Decoding a
+single token would not do: a token may hold part of a multi-byte character.
+
 Documents and prompts encode their text literally (`literal_specials`): a "<|user|>" typed inside a
 message or a prompt stays text. Special ids are placed only where documents are laid out
 (`cvfp.data.cache`) and prompts (`encode_prompt`: a new document's user turn, which the model answers
@@ -78,6 +83,52 @@ def train_tokenizer(documents: list[dict[str, Any]], vocab_size: int, min_freque
                      desc="tokenizer: counting words", unit="msg")
     tokenizer.train_from_iterator(bounded_texts(texts), trainer=trainer)
     return tokenizer
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """The ByteLevel alphabet inverted: each of its 256 characters -> the byte it stands for.
+
+    GPT-2's `bytes_to_unicode`: the printable bytes ! to ~, \xa1 to \xac and \xae to \xff stand
+    for themselves; the other 68 bytes, in order, get the characters U+0100, U+0101, ...
+    """
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [byte for byte in range(256) if byte not in printable]
+    inverse = {chr(byte): byte for byte in printable}
+    inverse.update({chr(256 + n): byte for n, byte in enumerate(others)})
+    return inverse
+
+
+_BYTE_OF = byte_level_alphabet()  # its keys are pre_tokenizers.ByteLevel.alphabet(), the trainer's initial alphabet
+
+
+def token_bytes(tokenizer: Tokenizer, origin: str | Path = "tokenizer") -> list[bytes]:
+    """The UTF-8 bytes each vocabulary id stands for, indexed by id (V entries); b"" for special tokens.
+
+    A token holding a character outside the ByteLevel alphabet is not byte-level: an ArtifactError.
+    """
+    specials = set(special_token_ids(tokenizer, origin).values())
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    table: list[bytes | None] = [None] * size
+    for token, index in vocab.items():
+        if index in specials:
+            table[index] = b""
+            continue
+        try:
+            table[index] = bytes(_BYTE_OF[char] for char in token)
+        except KeyError as err:
+            raise ArtifactError(f"{origin}: token {index} ({token!r}) holds {err.args[0]!r}, which is not in the "
+                                f"ByteLevel alphabet; rerun the 'tokenizer' stage (dvc repro -f tokenizer)") from None
+    missing = [index for index, entry in enumerate(table) if entry is None]
+    if missing:
+        raise ArtifactError(f"{origin}: vocabulary ids {missing[:10]} have no token; "
+                            f"rerun the 'tokenizer' stage (dvc repro -f tokenizer)")
+    return table  # type: ignore[return-value]
+
+
+def token_byte_lengths(tokenizer: Tokenizer, origin: str | Path = "tokenizer") -> list[int]:
+    """UTF-8 byte length of every vocabulary id (V entries; 0 for special tokens), see `token_bytes`."""
+    return [len(entry) for entry in token_bytes(tokenizer, origin)]
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:

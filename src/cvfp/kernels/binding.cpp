@@ -2,7 +2,7 @@
 // current stream. Compiled by the host compiler (scan.cu needs only the CUDA runtime).
 
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 extern "C" int cvfp_scan_plan(int D, int L, int wbytes, int device, int res_rows_cap, int* G, int* KS, int* rmax,
@@ -11,8 +11,11 @@ extern "C" int cvfp_scan_launch(const float* emb, const float* prev, const float
                                 const void* W, int wbytes, const float* bias, const float* gc, const float* bc,
                                 const float* gx, const float* bx, float* ubuf, float* stats, unsigned* counter,
                                 int* error, long long N, int C, int E, int L, float eps_c, float eps_x, float mix,
-                                float one_minus_mix, int mix_mode, int skip_matvec, long long timeout_ns,
-                                int device, int res_rows_cap, void* stream, const char** why);
+                                float one_minus_mix, int mix_mode, int skip_matvec, int barrier_mode,
+                                long long timeout_ns, int device, int res_rows_cap, int stats_mode, void* stream,
+                                const char** why);
+extern "C" int cvfp_barrier_bench(unsigned* counter, int* error, long long* out, int iters, int mode, int ctas,
+                                  int threads, long long timeout_ns, void* stream);
 extern "C" const char* cvfp_scan_error_string(int code);
 
 namespace {
@@ -42,7 +45,8 @@ pybind11::dict plan(int64_t D, int64_t L, int64_t wbytes, int64_t device, int64_
 std::vector<torch::Tensor> scan(torch::Tensor emb, torch::Tensor prev, torch::Tensor init, torch::Tensor W,
                                 torch::Tensor bias, torch::Tensor gc, torch::Tensor bc, torch::Tensor gx,
                                 torch::Tensor bx, double eps_c, double eps_x, double mix, bool with_token_out,
-                                int64_t skip_matvec, int64_t res_rows_cap, double timeout_s) {
+                                int64_t skip_matvec, int64_t res_rows_cap, double timeout_s, int64_t barrier_mode,
+                                int64_t stats_mode) {
   TORCH_CHECK(emb.is_cuda(), "emb must be a CUDA tensor");
   const at::Device dev = emb.device();
   const c10::cuda::CUDAGuard guard(dev);
@@ -78,7 +82,7 @@ std::vector<torch::Tensor> scan(torch::Tensor emb, torch::Tensor prev, torch::Te
   torch::Tensor stats = torch::empty({2 * G * 4}, f32);
   torch::Tensor flags = torch::zeros({2}, f32.dtype(torch::kInt32));  // [counter, error]
   const int mix_mode = mix == 1.0 ? 1 : (mix > 0.0 ? 2 : 0);  // as CVFPLayer.forward branches
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream(dev.index()).stream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   rc = cvfp_scan_launch(emb.data_ptr<float>(), teacher ? prev.data_ptr<float>() : nullptr,
                         has_init ? init.data_ptr<float>() : nullptr, out_c.data_ptr<float>(),
                         with_token_out ? out_x.data_ptr<float>() : nullptr, W.data_ptr(), wbytes,
@@ -87,10 +91,27 @@ std::vector<torch::Tensor> scan(torch::Tensor emb, torch::Tensor prev, torch::Te
                         reinterpret_cast<unsigned*>(flags.data_ptr<int>()), flags.data_ptr<int>() + 1, N,
                         static_cast<int>(C), static_cast<int>(E), static_cast<int>(L), static_cast<float>(eps_c),
                         static_cast<float>(eps_x), static_cast<float>(mix), static_cast<float>(1.0 - mix), mix_mode,
-                        static_cast<int>(skip_matvec), static_cast<long long>(timeout_s * 1e9), dev.index(),
-                        static_cast<int>(res_rows_cap), stream, &why);
+                        static_cast<int>(skip_matvec), static_cast<int>(barrier_mode),
+                        static_cast<long long>(timeout_s * 1e9), dev.index(),
+                        static_cast<int>(res_rows_cap), static_cast<int>(stats_mode), stream, &why);
   TORCH_CHECK(rc == 0, "cvfp scan kernel: ", why, " (", cvfp_scan_error_string(rc), ")");
   return {out_c, out_x, flags.narrow(0, 1, 1)};
+}
+
+// `iters` grid barriers of `mode` (-1: __syncthreads only) on `ctas` x `threads`:
+// returns (cycles, ns, error) measured by CTA 0 over the loop.
+std::vector<int64_t> barrier_bench(int64_t iters, int64_t mode, int64_t ctas, int64_t threads, int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  auto opts = torch::TensorOptions().device(torch::kCUDA, device);
+  torch::Tensor flags = torch::zeros({2}, opts.dtype(torch::kInt32));
+  torch::Tensor out = torch::zeros({2}, opts.dtype(torch::kInt64));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+  int rc = cvfp_barrier_bench(reinterpret_cast<unsigned*>(flags.data_ptr<int>()), flags.data_ptr<int>() + 1,
+                              reinterpret_cast<long long*>(out.data_ptr<int64_t>()), static_cast<int>(iters), static_cast<int>(mode),
+                              static_cast<int>(ctas), static_cast<int>(threads), 10000000000LL, stream);
+  TORCH_CHECK(rc == 0, "barrier bench: ", cvfp_scan_error_string(rc));
+  auto host = out.cpu();
+  return {host[0].item<int64_t>(), host[1].item<int64_t>(), flags[1].item<int>()};
 }
 
 }  // namespace
@@ -98,4 +119,5 @@ std::vector<torch::Tensor> scan(torch::Tensor emb, torch::Tensor prev, torch::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plan", &plan, "launch plan of the scan kernel for (D, L, weight bytes, device, resident-row cap)");
   m.def("scan", &scan, "persistent exact scan (see scan.cu)");
+  m.def("barrier_bench", &barrier_bench, "grid-barrier microbenchmark: (cycles, ns, error)");
 }

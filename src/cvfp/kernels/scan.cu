@@ -12,9 +12,14 @@
 //   read all of u and the G partial statistics (one L2 round trip) -> Chan-combine ->
 //   normalise into z -> next layer.
 // Weights: as many of the CTA's rows as fit stay in shared memory for the whole stream
-// (all of them for bf16 at 6 x 1536 x 1536); the others are re-read from global memory (L2)
-// every token, into registers, one layer ahead, so that the load hides behind the barrier.
+// (70 of 72 rows for bf16 at 6 x 1536 x 1536, 35 for fp32); the others are re-read from global
+// memory (L2) every token, into registers, one layer ahead, so that the load hides behind the barrier.
 // Arithmetic and accumulation are fp32; weights are fp32 or bf16 (template parameter).
+//
+// Measured on one H200 (benchmarks/H200.md): 51.9 us/token at 6 x 768 with stats_mode 0, of
+// which 1.05 us per grid barrier and 5.3 us per layer in the merge of the partial statistics
+// (a hot spot: every warp read them). stats_mode 1 (warp 0 merges; the default since): 35.5
+// us/token in a second run, where mode 0 ran at 54.8, with the same bits as mode 0.
 //
 // This file needs only the CUDA runtime; the torch binding is binding.cpp.
 
@@ -54,8 +59,16 @@ struct Params {
   int res_rows;         // weight rows resident in shared memory per CTA (over all layers)
   float eps_c, eps_x, mix, one_minus_mix;
   int mix_mode;         // 0: no LayerNorm, 1: LayerNorm only, 2: blend
-  int skip_matvec;      // diagnostics: 1 = h := b (no weight reads), timing the rest of the loop
+  int skip_matvec;      // diagnostics (wrong results, timing only), bits: 1 = no matvec (h := b), 2 = no
+                        // Chan merge (mean 0, rstd 1), 4 = no grid barrier
+  int barrier_mode;     // 0: red.release + ld.acquire poll; 1: __threadfence + atomicAdd, volatile poll,
+                        // __threadfence (cooperative groups' pattern); 2: as 0 but reading %globaltimer at
+                        // every barrier (the first version); 3: fence.acq_rel + red.relaxed, ld.relaxed poll, fence
   long long timeout_ns; // a barrier waiting longer than this aborts the launch (error = 1)
+  int stats_mode;       // 0: every warp merges the G partial statistics itself (H200: 51.9 us/token, 54.8 in
+                        // the second run); 1: warp 0 merges and broadcasts through shared memory, and the
+                        // pre-barrier __syncthreads becomes a __syncwarp (second H200 run: 35.5 us/token,
+                        // predicted ~21; bit-equal to mode 0 over 65,536 tokens; the default in fused.py)
 };
 
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
@@ -80,6 +93,56 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+__device__ __forceinline__ unsigned ld_relaxed(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void red_relaxed_add(unsigned* p, unsigned v) {
+  asm volatile("red.relaxed.gpu.global.add.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void fence_acq_rel() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
+__device__ __forceinline__ unsigned ld_volatile(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.volatile.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Grid barrier, called by thread 0 of every CTA between two __syncthreads(). `target` is the
+// counter value once every CTA has arrived (monotonic, compared wrap-safe). A wait longer
+// than timeout_ns sets *error and returns true (the caller aborts). The timer is read only
+// after 2^14 polls, so a normal barrier never touches %globaltimer.
+__device__ __forceinline__ bool grid_arrive_wait(unsigned* counter, unsigned target, int mode, long long timeout_ns,
+                                                 int* error) {
+  if (mode == 1) {
+    __threadfence();
+    atomicAdd(counter, 1u);
+  } else if (mode == 3) {
+    fence_acq_rel();
+    red_relaxed_add(counter, 1u);
+  } else {
+    red_release_add(counter, 1u);
+  }
+  long long t0 = (mode == 2) ? globaltimer() : 0;
+  unsigned spins = 0;
+  for (;;) {
+    const unsigned v = (mode == 1) ? ld_volatile(counter) : (mode == 3 ? ld_relaxed(counter) : ld_acquire(counter));
+    if (static_cast<int>(v - target) >= 0) break;
+    ++spins;
+    if (mode == 2) {
+      if ((spins & 255u) == 0u && globaltimer() - t0 > timeout_ns) { atomicExch(error, 1); return true; }
+    } else if ((spins & 16383u) == 0u) {
+      const long long now = globaltimer();
+      if (t0 == 0) t0 = now;
+      else if (now - t0 > timeout_ns) { atomicExch(error, 1); return true; }
+    }
+  }
+  if (mode == 1) __threadfence();
+  if (mode == 3) fence_acq_rel();
+  return false;
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -138,6 +201,7 @@ __global__ void __launch_bounds__(NTHREADS, 1) scan_kernel(const Params p) {
   constexpr int VEC = VecOf<WT>::N;
   extern __shared__ __align__(16) float smem[];
   __shared__ int s_abort;
+  __shared__ float s_stat[4];
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -196,7 +260,7 @@ __global__ void __launch_bounds__(NTHREADS, 1) scan_kernel(const Params p) {
 #pragma unroll
   for (int k = 0; k < MAXPF; ++k) pf[k] = make_uint4(0u, 0u, 0u, 0u);
   auto prefetch = [&](int l) {
-    if (active && !p.skip_matvec && wi >= QUOTA(l)) {
+    if (active && !(p.skip_matvec & 1) && wi >= QUOTA(l)) {
       const uint4* src = Wg + (static_cast<long long>(l) * D + r0 + wi) * DV;
 #pragma unroll
       for (int k = 0; k < MAXPF; ++k) {
@@ -231,7 +295,7 @@ __global__ void __launch_bounds__(NTHREADS, 1) scan_kernel(const Params p) {
       // ---- matvec on this CTA's rows of layer l
       if (active) {
         float acc = 0.f;
-        if (!p.skip_matvec) {
+        if (!(p.skip_matvec & 1)) {
           if (wi < QUOTA(l)) {
             const uint4* src = wsm + static_cast<long long>(SLOT(l, wi)) * DV;
 #pragma unroll
@@ -293,21 +357,14 @@ __global__ void __launch_bounds__(NTHREADS, 1) scan_kernel(const Params p) {
       }
       if (l == L - 1) cp_async_wait_all();
 
-      // ---- grid barrier (monotonic counter, wrap-safe compare)
-      __syncthreads();
+      // ---- grid barrier (monotonic counter, wrap-safe compare). Only warp 0 wrote what the release must
+      // cover; stats_mode 1 orders those stores before thread 0's release by a warp barrier alone (the
+      // other warps wait at the __syncthreads below).
+      if (p.stats_mode == 0) __syncthreads();
+      else __syncwarp();
       target += static_cast<unsigned>(G);
-      if (tid == 0) {
-        red_release_add(p.counter, 1u);
-        const long long t0 = globaltimer();
-        unsigned spins = 0;
-        while (static_cast<int>(ld_acquire(p.counter) - target) < 0) {
-          if (((++spins) & 255u) == 0u && globaltimer() - t0 > p.timeout_ns) {
-            atomicExch(p.error, 1);
-            s_abort = 1;
-            break;
-          }
-        }
-      }
+      if (tid == 0 && !(p.skip_matvec & 4) && grid_arrive_wait(p.counter, target, p.barrier_mode, p.timeout_ns, p.error))
+        s_abort = 1;
       __syncthreads();
       if (s_abort) return;
 
@@ -318,48 +375,60 @@ __global__ void __launch_bounds__(NTHREADS, 1) scan_kernel(const Params p) {
         const int j = tid + k * NTHREADS;
         uv[k] = (j < D) ? __ldcg(p.ubuf + par * D + j) : 0.f;
       }
-      float mean_c = 0.f, rstd_c = 0.f, mean_x = 0.f, rstd_x = 0.f;
-      if (p.mix_mode != 0) {
-        float nA = 0.f, mA = 0.f, MA = 0.f, nB = 0.f, mB = 0.f, MB = 0.f;
-        constexpr int PERL = MAXG / 32;
-        float4 st[PERL];
+      // LayerNorm statistics. stats_mode 0: every warp reads the G partials and merges them; on the H200 that
+      // made 128 SMs x 24 warps read the same 2 KB of L2, 5.3 us per layer. stats_mode 1: warp 0 alone reads
+      // and merges, and broadcasts the result through shared memory (one more __syncthreads).
+      float mean_c = 0.f, rstd_c = 1.f, mean_x = 0.f, rstd_x = 1.f;
+      if (p.mix_mode != 0 && !(p.skip_matvec & 2)) {
+        if (p.stats_mode == 0 || warp == 0) {
+          float nA = 0.f, mA = 0.f, MA = 0.f, nB = 0.f, mB = 0.f, MB = 0.f;
+          constexpr int PERL = MAXG / 32;
+          float4 st[PERL];
 #pragma unroll
-        for (int m = 0; m < PERL; ++m) {  // all loads first, then the merges
-          const int bb = lane + 32 * m;
-          st[m] = (bb < G) ? __ldcg(reinterpret_cast<const float4*>(p.stats) + par * G + bb) : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
+          for (int m = 0; m < PERL; ++m) {  // all loads first, then the merges
+            const int bb = lane + 32 * m;
+            st[m] = (bb < G) ? __ldcg(reinterpret_cast<const float4*>(p.stats) + par * G + bb) : make_float4(0.f, 0.f, 0.f, 0.f);
+          }
 #pragma unroll
-        for (int m = 0; m < PERL; ++m) {
-          const int bb = lane + 32 * m;
-          if (bb < G) {
-            const float2 n2 = cnt[bb];
-            chan_merge(nA, mA, MA, n2.x, st[m].x, st[m].y);
-            chan_merge(nB, mB, MB, n2.y, st[m].z, st[m].w);
+          for (int m = 0; m < PERL; ++m) {
+            const int bb = lane + 32 * m;
+            if (bb < G) {
+              const float2 n2 = cnt[bb];
+              chan_merge(nA, mA, MA, n2.x, st[m].x, st[m].y);
+              chan_merge(nB, mB, MB, n2.y, st[m].z, st[m].w);
+            }
+          }
+          // lane i held CTAs i, i + 32, ...: merge lanes in index order (lower lane is `a`)
+#pragma unroll
+          for (int o = 1; o < 32; o <<= 1) {
+            const float onA = __shfl_xor_sync(0xffffffffu, nA, o);
+            const float omA = __shfl_xor_sync(0xffffffffu, mA, o);
+            const float oMA = __shfl_xor_sync(0xffffffffu, MA, o);
+            const float onB = __shfl_xor_sync(0xffffffffu, nB, o);
+            const float omB = __shfl_xor_sync(0xffffffffu, mB, o);
+            const float oMB = __shfl_xor_sync(0xffffffffu, MB, o);
+            if (lane & o) {  // the other lane is the lower group
+              float tn = onA, tm = omA, tM = oMA;
+              chan_merge(tn, tm, tM, nA, mA, MA);
+              nA = tn; mA = tm; MA = tM;
+              tn = onB; tm = omB; tM = oMB;
+              chan_merge(tn, tm, tM, nB, mB, MB);
+              nB = tn; mB = tm; MB = tM;
+            } else {
+              chan_merge(nA, mA, MA, onA, omA, oMA);
+              chan_merge(nB, mB, MB, onB, omB, oMB);
+            }
+          }
+          mean_c = mA; rstd_c = rsqrtf(MA / static_cast<float>(C) + p.eps_c);
+          mean_x = mB; rstd_x = rsqrtf(MB / static_cast<float>(E) + p.eps_x);
+          if (p.stats_mode != 0 && lane == 0) {
+            s_stat[0] = mean_c; s_stat[1] = rstd_c; s_stat[2] = mean_x; s_stat[3] = rstd_x;
           }
         }
-        // lane i held CTAs i, i + 32, ...: merge lanes in index order (lower lane is `a`)
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const float onA = __shfl_xor_sync(0xffffffffu, nA, o);
-          const float omA = __shfl_xor_sync(0xffffffffu, mA, o);
-          const float oMA = __shfl_xor_sync(0xffffffffu, MA, o);
-          const float onB = __shfl_xor_sync(0xffffffffu, nB, o);
-          const float omB = __shfl_xor_sync(0xffffffffu, mB, o);
-          const float oMB = __shfl_xor_sync(0xffffffffu, MB, o);
-          if (lane & o) {  // the other lane is the lower group
-            float tn = onA, tm = omA, tM = oMA;
-            chan_merge(tn, tm, tM, nA, mA, MA);
-            nA = tn; mA = tm; MA = tM;
-            tn = onB; tm = omB; tM = oMB;
-            chan_merge(tn, tm, tM, nB, mB, MB);
-            nB = tn; mB = tm; MB = tM;
-          } else {
-            chan_merge(nA, mA, MA, onA, omA, oMA);
-            chan_merge(nB, mB, MB, onB, omB, oMB);
-          }
+        if (p.stats_mode != 0) {
+          __syncthreads();
+          mean_c = s_stat[0]; rstd_c = s_stat[1]; mean_x = s_stat[2]; rstd_x = s_stat[3];
         }
-        mean_c = mA; rstd_c = rsqrtf(MA / static_cast<float>(C) + p.eps_c);
-        mean_x = mB; rstd_x = rsqrtf(MB / static_cast<float>(E) + p.eps_x);
       }
 
       // ---- normalise into z (and the outputs after the last layer)
@@ -392,6 +461,27 @@ __global__ void __launch_bounds__(NTHREADS, 1) scan_kernel(const Params p) {
   }
 #undef QUOTA
 #undef SLOT
+}
+
+// Barrier microbenchmark: `iters` grid barriers of `mode` and nothing else (plus the same
+// __syncthreads pair). CTA 0 thread 0 writes (clock64 cycles, globaltimer ns) over the loop,
+// which also gives the SM clock under this load.
+__global__ void barrier_bench_kernel(unsigned* counter, int* error, long long* out, int iters, int mode,
+                                     long long timeout_ns) {
+  __shared__ int s_abort;
+  if (threadIdx.x == 0) s_abort = 0;
+  __syncthreads();
+  long long c0 = 0, g0 = 0;
+  if (blockIdx.x == 0 && threadIdx.x == 0) { c0 = clock64(); g0 = globaltimer(); }
+  unsigned target = 0;
+  for (int i = 0; i < iters; ++i) {
+    __syncthreads();
+    target += gridDim.x;
+    if (mode >= 0 && threadIdx.x == 0 && grid_arrive_wait(counter, target, mode, timeout_ns, error)) s_abort = 1;
+    __syncthreads();
+    if (s_abort) return;
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) { out[0] = clock64() - c0; out[1] = globaltimer() - g0; }
 }
 
 // ------------------------------------------------------------------ host side
@@ -468,8 +558,9 @@ extern "C" int cvfp_scan_launch(const float* emb, const float* prev, const float
                                 const void* W, int wbytes, const float* bias, const float* gc, const float* bc,
                                 const float* gx, const float* bx, float* ubuf, float* stats, unsigned* counter,
                                 int* error, long long N, int C, int E, int L, float eps_c, float eps_x, float mix,
-                                float one_minus_mix, int mix_mode, int skip_matvec, long long timeout_ns,
-                                int device, int res_rows_cap, void* stream, const char** why) {
+                                float one_minus_mix, int mix_mode, int skip_matvec, int barrier_mode,
+                                long long timeout_ns, int device, int res_rows_cap, int stats_mode, void* stream,
+                                const char** why) {
   using namespace cvfp_scan;
   *why = "";
   const int D = C + E;
@@ -481,6 +572,8 @@ extern "C" int cvfp_scan_launch(const float* emb, const float* prev, const float
   p.gc = gc; p.bc = bc; p.gx = gx; p.bx = bx; p.ubuf = ubuf; p.stats = stats; p.counter = counter; p.error = error;
   p.N = N; p.C = C; p.E = E; p.D = D; p.L = L; p.eps_c = eps_c; p.eps_x = eps_x; p.mix = mix;
   p.one_minus_mix = one_minus_mix; p.mix_mode = mix_mode; p.skip_matvec = skip_matvec; p.timeout_ns = timeout_ns;
+  p.barrier_mode = barrier_mode;
+  p.stats_mode = stats_mode;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (wbytes == 4) e = launch_t<float>(p, plan, s, why);
   else if (wbytes == 2) e = launch_t<__nv_bfloat16>(p, plan, s, why);
@@ -490,4 +583,13 @@ extern "C" int cvfp_scan_launch(const float* emb, const float* prev, const float
 
 extern "C" const char* cvfp_scan_error_string(int code) {
   return cudaGetErrorString(static_cast<cudaError_t>(code));
+}
+
+extern "C" int cvfp_barrier_bench(unsigned* counter, int* error, long long* out, int iters, int mode, int ctas,
+                                  int threads, long long timeout_ns, void* stream) {
+  void* args[] = {&counter, &error, &out, &iters, &mode, &timeout_ns};
+  cudaError_t e = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(cvfp_scan::barrier_bench_kernel), dim3(ctas),
+                                              dim3(threads), args, 0, reinterpret_cast<cudaStream_t>(stream));
+  if (e != cudaSuccess) return static_cast<int>(e);
+  return static_cast<int>(cudaGetLastError());
 }
