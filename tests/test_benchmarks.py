@@ -56,6 +56,25 @@ def test_bench_runs_tiny_and_writes_every_key(tmp_path, bench):
     for key in ("iteration0_seconds", "parallel_iteration_seconds", "token_iterations_per_second", "parallel_mfu",
                 "total_mfu", "ratio", "reference"):
         assert key in written["phase1"], key
+    phase1 = written["phase1"]
+    # two references, each labelled: the original algorithm (one step per iteration) and seed 004's per-token loop
+    original = phase1["reference_original"]
+    for key in ("iteration0_seconds_per_token", "iteration0_seconds_extrapolated", "parallel_iteration_seconds",
+                "total_seconds_extrapolated"):
+        assert original[key] > 0, key
+    assert original["iteration0_tokens_timed"] == 64 and original["parallel_iteration_tokens"] == 1024
+    assert "original code" in original["algorithm"] and "seed 004" in phase1["reference"]["algorithm"]
+    for key in ("ratio_vs_original", "iteration0_ratio_vs_original", "parallel_iteration_ratio_vs_original",
+                "ratio_vs_seed004_loop", "parallel_iteration_ratio_vs_seed004_loop"):
+        assert phase1[key] > 0, key
+    assert phase1["ratio_vs_seed004_loop"] == phase1["ratio"]
+    assert original["total_seconds_extrapolated"] == pytest.approx(
+        original["iteration0_seconds_extrapolated"] + 9 * original["parallel_iteration_seconds"])
+    assert phase1["ratio_vs_original"] == pytest.approx(
+        original["total_seconds_extrapolated"] / phase1["total_seconds"])
+    assert written["targets"]["phase1_ratio"]["against"].startswith("seed-004")
+    header = written["table"].splitlines()[0]
+    assert "original algorithm" in header and "ours ÷ original" in header and "per-token loop" in header
     for key in ("tokens_per_second", "max_abs_diff_vs_plain", "ratio", "reference"):
         assert key in written["cstar"], key
     for key in ("train_tokens_per_second", "train_mfu", "eval_tokens_per_second", "train_ratio", "eval_ratio"):
@@ -64,6 +83,38 @@ def test_bench_runs_tiny_and_writes_every_key(tmp_path, bench):
     assert set(written["targets"]) == set(bench.TARGETS)
     assert written["peak"]["tflops"] > 0 and written["phase1"]["parallel_mfu"] > 0
     assert written["command"].startswith("python benchmarks/bench.py --blocks 2")
+
+
+def test_original_reference_makes_the_pipelines_update_per_iteration(bench):
+    """The original-algorithm reference: its two timed iterations leave the weights where two jacobi_steps do."""
+    import copy
+
+    import torch
+    from common import build_model, model_section, prepare_phase1
+    from cvfp import phase1
+    from cvfp.params import Phase1Params
+
+    device = torch.device("cpu")
+    model = build_model(model_section(2, 8), 64, 0, device)
+    original = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (96,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        embeddings = model.embed(ids)
+        previous = model.scan(embeddings)
+    params = Phase1Params(batch_tokens=96)
+    got = bench.original_phase1_iteration(original, embeddings, previous, 16, device, params, repeats=1)
+    assert got["iteration0_tokens_timed"] == 16 and got["parallel_iteration_seconds"] > 0
+    optimizer = torch.optim.Adam(prepare_phase1(model), lr=params.lr)
+    diversity = phase1.DiversityLoss(params.diversity, params.ema_momentum)
+    state = previous
+    for _ in range(2):  # warm-up + one timed repeat
+        state, _, skipped = phase1.jacobi_step(model, embeddings, state, diversity, params, optimizer=optimizer)
+        assert not skipped
+    def gap(x, y):
+        return max(float((a - b).detach().abs().max()) for a, b in zip(x.parameters(), y.parameters()))
+
+    assert gap(model, original) < 1e-5
+    assert gap(model.blocks, build_model(model_section(2, 8), 64, 0, device).blocks) > 1e-4  # both did train
 
 
 def test_parallel_bench_runs_at_one_and_two_processes_and_compares(tmp_path):
