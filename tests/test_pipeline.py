@@ -129,7 +129,7 @@ def test_one_parent_run_with_a_child_per_stage(project):
     children = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["cvfp.stage"] for r in children) == sorted(STAGES)
     phase1 = next(r for r in children if r.data.tags["cvfp.stage"] == "phase1")
-    assert phase1.data.params["phase1.dist_reg_weight"] == "0.9"
+    assert phase1.data.params["phase1.dist_reg_weight"] == "0.1"
     assert phase1.data.params["model.layer_structure"] == "[1, 1]"
     curve = client.get_metric_history(phase1.info.run_id, "train.effective_rank")
     assert len(curve) == read(root, "phase1.json")["iterations"]

@@ -89,14 +89,14 @@ class ModelParams(_Section):
 
 
 class Phase1Params(_Section):
-    max_iterations: PosInt = 10
+    max_iterations: PosInt = 30
     lr: PosFloat = 0.002
     grad_clip: PosFloat = 1.0
-    dist_reg_weight: Fraction = 0.9
+    dist_reg_weight: Fraction = 0.1
     diversity: Literal["global_deviation", "ema_variance"] = "global_deviation"
     ema_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.99  # per token (the seed's); per iteration ** N
     recon_weight: NonNegFloat = 0.0
-    convergence_threshold: PosFloat = 0.01
+    convergence_threshold: PosFloat = 0.03
     min_converged_ratio: Fraction = 0.95
     batch_tokens: PosInt = 8192
     precision: Literal["fp32", "bf16"] = "fp32"
