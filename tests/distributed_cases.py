@@ -20,11 +20,17 @@ import cvfp.phase2 as phase2
 from cvfp import baselines, distributed, fast
 from cvfp.distributed import Shard, World, gather_rows
 from cvfp.params import BaselinesParams, Phase1Params, Phase2Params
-from test_phase1 import tiny_model as phase1_model
-from test_phase2 import CONTEXT, labelled, stream
-from test_phase2 import tiny_model as phase2_model
+from helpers import CONTEXT, VOCAB, labelled, stream, tiny_model
 
 STREAM = 13  # odd, so the two shards differ in size
+
+
+def phase1_model(seed=0, **overrides):
+    return tiny_model(seed, **{"layer_structure": [1, 1], **overrides})
+
+
+def phase2_model(seed=0, **overrides):
+    return tiny_model(seed, **{"vocab_size": VOCAB, **overrides})
 
 
 def quiet(_):

@@ -1,13 +1,20 @@
 """Helpers shared by the test modules (no test module imports another test module)."""
 
 import importlib.util
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import torch
 
+from conftest import write_params
+
 from cvfp.model import CVFPModel, ModelArgs
 
 REPO = Path(__file__).resolve().parents[1]
+COPIED = ["dvc.yaml", "pipeline", "src", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
+VOCAB, CONTEXT, EMBED = 12, 6, 4  # the Phase-2 tests' toy sizes (tiny_model(vocab_size=VOCAB))
 
 
 def tiny_model(seed: int = 0, **overrides) -> CVFPModel:
@@ -32,3 +39,70 @@ class NoRun:
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
+
+
+def stream(length, seed=1):
+    """A periodic token stream (learnable) with a little noise, and its C* from the model."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.arange(length) % 5
+    noise = torch.rand(length, generator=generator) < 0.1
+    return torch.where(noise, torch.randint(0, VOCAB, (length,), generator=generator), ids)
+
+
+def all_scored(ids):
+    """scored and target_bytes of a stream whose N-1 predictions all count, one byte each."""
+    return torch.ones(ids.numel() - 1, dtype=torch.bool), torch.ones(ids.numel() - 1, dtype=torch.int64)
+
+
+SPECIAL, UNSEEN = 0, 3  # in `labelled`: a role/boundary marker, and an id that stands for one unseen in train
+
+
+def labelled(ids):
+    """scored and target_bytes as carve gives them, with every kind of prediction: a target SPECIAL is a marker
+    (0 bytes, not scored), a target UNSEEN has real bytes but is not scored, any other target is scored with
+    1 + id % 3 bytes (so the bytes depend on which token is the target)."""
+    targets = ids[1:]
+    target_bytes = torch.where(targets == SPECIAL, 0, 1 + targets % 3).long()
+    return (targets != SPECIAL) & (targets != UNSEEN), target_bytes
+
+
+TINY_PARAMS = {
+    "device": "cpu", "data.num_samples": 21, "tokenizer.vocab_size": 320, "carve.val_fraction": 0.1,
+    "carve.test_fraction": 0.1,
+    "model.context_dim": 8, "model.embed_dim": 8, "model.hidden_dim": 16, "model.layer_structure": [1, 1],
+    "phase1.max_iterations": 3, "phase1.batch_tokens": 512, "phase1.effective_rank_samples": 0,
+    "phase2.epochs": 2, "phase2.batch_size": 256, "phase2.patience": 1,
+    "evaluate.batch_size": 512, "evaluate.identity_samples": 32, "evaluate.num_trials": 3,
+    "evaluate.contraction_samples": 4, "evaluate.contraction_power_iterations": 5,
+    "evaluate.lyapunov_steps": 40, "evaluate.lyapunov_blocks": 4,
+    "baselines.seq_len": 16, "baselines.batch_size": 16, "baselines.transformer.layers": 1,
+    "baselines.transformer.heads": 1, "compare.sample_prompts": 2, "compare.max_new_tokens": 8,
+}
+
+
+def sh(args, cwd, env):
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def make_project(root, overrides):
+    """Copy this repo's pipeline into `root` as a fresh, committed git + DVC project with params.yaml =
+    the repo's plus `overrides`; returns the environment to run its stages in."""
+    for name in COPIED:
+        source, target = REPO / name, root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy(source, target)
+    write_params(root / "params.yaml", overrides)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    # one thread per stage: queued experiments run two stages at once, and two 2-thread torch processes on
+    # 2 cores spin-wait each other ~50x slower (tiny tensors gain nothing from a second thread anyway)
+    env.update(OMP_NUM_THREADS="1", CVFP_NO_PROGRESS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    sh(["git", "init", "-q"], root, env)
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "init"], root, env)
+    return env

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 import distributed_cases
 from cvfp.distributed import SINGLE, World, sampler_batches, shard
-from test_pipeline import TINY_PARAMS, make_project, sh
+from helpers import TINY_PARAMS, make_project, sh
 
 HERE = Path(__file__).resolve().parent
 RTOL, ATOL = 1e-4, 1e-6

@@ -12,11 +12,10 @@ import cvfp.phase2 as phase2
 from cvfp.cstar import generate_cstar
 from cvfp.metrics import next_token_metrics
 from cvfp.params import Params, Phase2Params
-from helpers import NoRun, load_stage, tiny_model as make_model
+from helpers import CONTEXT, EMBED, VOCAB, all_scored, labelled, stream, NoRun, load_stage, tiny_model as make_model
 
 REPO = Path(__file__).resolve().parents[1]
 
-VOCAB, CONTEXT, EMBED = 12, 6, 4
 
 
 def tiny_model(seed=0, **overrides):
@@ -29,33 +28,20 @@ def params(**overrides):
     return Phase2Params(**base)
 
 
-def stream(length, seed=1):
-    """A periodic token stream (learnable) with a little noise, and its C* from the model."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.arange(length) % 5
-    noise = torch.rand(length, generator=generator) < 0.1
-    return torch.where(noise, torch.randint(0, VOCAB, (length,), generator=generator), ids)
+
 
 
 def quiet(_):
     pass
 
 
-def all_scored(ids):
-    """scored and target_bytes of a stream whose N-1 predictions all count, one byte each."""
-    return torch.ones(ids.numel() - 1, dtype=torch.bool), torch.ones(ids.numel() - 1, dtype=torch.int64)
 
 
-SPECIAL, UNSEEN = 0, 3  # in `labelled`: a role/boundary marker, and an id that stands for one unseen in train
 
 
-def labelled(ids):
-    """scored and target_bytes as carve gives them, with every kind of prediction: a target SPECIAL is a marker
-    (0 bytes, not scored), a target UNSEEN has real bytes but is not scored, any other target is scored with
-    1 + id % 3 bytes (so the bytes depend on which token is the target)."""
-    targets = ids[1:]
-    target_bytes = torch.where(targets == SPECIAL, 0, 1 + targets % 3).long()
-    return (targets != SPECIAL) & (targets != UNSEEN), target_bytes
+
+
+
 
 
 def test_position_zero_gets_a_zero_input_context():

@@ -1,60 +1,23 @@
 """End to end: the real `dvc repro` of all seven stages on a tiny params set, in a copy of the repo."""
 
 import json
-import os
-import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from conftest import write_params
+from helpers import TINY_PARAMS, make_project, sh
 from mlflow.tracking import MlflowClient
 
-REPO = Path(__file__).resolve().parents[1]
-COPIED = ["dvc.yaml", "pipeline", "src", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
 STAGES = ["tokenizer", "cache", "carve", "phase1", "cstar", "phase2", "evaluate", "baselines", "compare"]
 
-TINY_PARAMS = {
-    "device": "cpu", "data.num_samples": 21, "tokenizer.vocab_size": 320, "carve.val_fraction": 0.1,
-    "carve.test_fraction": 0.1,
-    "model.context_dim": 8, "model.embed_dim": 8, "model.hidden_dim": 16, "model.layer_structure": [1, 1],
-    "phase1.max_iterations": 3, "phase1.batch_tokens": 512, "phase1.effective_rank_samples": 0,
-    "phase2.epochs": 2, "phase2.batch_size": 256, "phase2.patience": 1,
-    "evaluate.batch_size": 512, "evaluate.identity_samples": 32, "evaluate.num_trials": 3,
-    "evaluate.contraction_samples": 4, "evaluate.contraction_power_iterations": 5,
-    "evaluate.lyapunov_steps": 40, "evaluate.lyapunov_blocks": 4,
-    "baselines.seq_len": 16, "baselines.batch_size": 16, "baselines.transformer.layers": 1,
-    "baselines.transformer.heads": 1, "compare.sample_prompts": 2, "compare.max_new_tokens": 8,
-}
 
 
-def sh(args, cwd, env):
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
 
 
-def make_project(root, overrides):
-    """Copy this repo's pipeline into `root` as a fresh, committed git + DVC project with params.yaml =
-    the repo's plus `overrides`; returns the environment to run its stages in."""
-    for name in COPIED:
-        source, target = REPO / name, root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy(source, target)
-    write_params(root / "params.yaml", overrides)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    # one thread per stage: queued experiments run two stages at once, and two 2-thread torch processes on
-    # 2 cores spin-wait each other ~50x slower (tiny tensors gain nothing from a second thread anyway)
-    env.update(OMP_NUM_THREADS="1", CVFP_NO_PROGRESS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    sh(["git", "init", "-q"], root, env)
-    sh(["git", "add", "-A"], root, env)
-    sh(["git", "commit", "-qm", "init"], root, env)
-    return env
+
+
+
 
 
 @pytest.fixture(scope="module")

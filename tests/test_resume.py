@@ -18,9 +18,7 @@ import cvfp.phase2 as phase2
 from cvfp.params import Params, Phase1Params, Phase2Params
 from cvfp.resume import checkpointer, fingerprint, load_resume_state
 from cvfp.errors import StageError
-from test_phase1 import tiny_model as tiny_model1
-from test_phase2 import CONTEXT, all_scored, labelled, stream
-from test_phase2 import tiny_model as tiny_model2
+from helpers import CONTEXT, VOCAB, all_scored, labelled, stream, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,3 +226,11 @@ def test_killed_phase2_stage_resumes_to_the_same_metrics(tmp_path, inputs):
                                                              "models/phase1.pt"],
                                 ["metrics/phase2.json", "metrics/phase2_epochs.csv", "models/phase2.pt"],
                                 "resuming from epoch")
+
+
+def tiny_model1(seed=0, **overrides):
+    return tiny_model(seed, **{"layer_structure": [1, 1], **overrides})
+
+
+def tiny_model2(seed=0, **overrides):
+    return tiny_model(seed, **{"vocab_size": VOCAB, **overrides})
