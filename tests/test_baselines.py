@@ -11,7 +11,8 @@ import cvfp.baselines as baselines
 from cvfp.metrics import next_token_metrics
 from cvfp.model import CVFPModel, ModelArgs, trainable_parameters
 from cvfp.params import BaselinesParams, ModelParams, Params, Phase2Params
-from helpers import NoRun, load_stage
+from helpers import NoRun, all_scored, labelled, load_stage
+from helpers import stream as periodic  # the periodic toy stream, VOCAB = 12 like here
 
 VOCAB = 12
 REPO = Path(__file__).resolve().parents[1]
@@ -23,27 +24,6 @@ def tiny_params(**overrides):
                 transformer={"layers": 1, "heads": 2, "ffn_mult": 2, "lr": 0.01})
     base.update(overrides)
     return BaselinesParams.model_validate(base)
-
-
-def periodic(length, seed=1):
-    """A learnable stream: a period-5 pattern with 10% noise."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.arange(length) % 5
-    noise = torch.rand(length, generator=generator) < 0.1
-    return torch.where(noise, torch.randint(0, VOCAB, (length,), generator=generator), ids)
-
-
-def all_scored(ids):
-    """scored and target_bytes of a stream whose N-1 predictions all count, one byte each."""
-    return torch.ones(ids.numel() - 1, dtype=torch.bool), torch.ones(ids.numel() - 1, dtype=torch.int64)
-
-
-def labelled(ids):
-    """scored and target_bytes as carve gives them: a target 0 is a marker (0 bytes, not scored), a target 3 stands
-    for an id unseen in train (real bytes, not scored), any other target scores with 1 + id % 3 bytes."""
-    targets = ids[1:]
-    target_bytes = torch.where(targets == 0, 0, 1 + targets % 3).long()
-    return (targets != 0) & (targets != 3), target_bytes
 
 
 def per_prediction(kind, model, ids, seq_len):

@@ -13,6 +13,7 @@ from cvfp.params import EvaluateParams
 from cvfp.phase2 import evaluate_fixed
 from cvfp.scan import exact_scan
 from cvfp.plots import evaluation_plots
+from helpers import all_scored
 from helpers import tiny_model as make_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,10 +38,6 @@ def labels(ids):
     targets = ids[1:]
     target_bytes = torch.where(targets < 3, 0, 1 + targets % 4).long()
     return (targets >= 3) & (targets % 7 != 3), target_bytes
-
-
-def all_scored(ids):
-    return torch.ones(ids.numel() - 1, dtype=torch.bool), torch.ones(ids.numel() - 1, dtype=torch.int64)
 
 
 def held_out_split(model, ids, labelled=True):

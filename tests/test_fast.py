@@ -13,17 +13,10 @@ import cvfp.fast as fast
 import cvfp.phase1 as phase1
 import cvfp.phase2 as phase2
 from cvfp.params import Phase1Params, Phase2Params
-from helpers import tiny_model
+from helpers import VOCAB, tiny_model
+from helpers import stream as periodic_stream
 
-PHASE2_VOCAB = 12
-
-
-def periodic_stream(length, seed=1):
-    """A periodic token stream (learnable) with a little noise: ids in [0, PHASE2_VOCAB)."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.arange(length) % 5
-    noise = torch.rand(length, generator=generator) < 0.1
-    return torch.where(noise, torch.randint(0, PHASE2_VOCAB, (length,), generator=generator), ids)
+PHASE2_VOCAB = VOCAB  # ids of the periodic toy stream lie in [0, VOCAB)
 
 
 @pytest.fixture

@@ -193,11 +193,11 @@ def evaluate_all(final_model, phase1_model, context_mode: str, held_out: dict[st
     # the Lyapunov exponent reads the first lyapunov_steps + 1 tokens of each trajectory
     length = params.lyapunov_steps + 1 if params.lyapunov_steps else train_ids.numel()
     train_ids = train_ids[:length].to(device)
+    train_embeddings = final_model.embed(train_ids)
     trajectories = {
         "_phase1": {"train": (splits["train"][:length], phase1_model.embed(train_ids)),
                     "val": (val.cstar, embeddings["_phase1"])},
-        "": {"train": (scan_for("final model: train scan")(final_model, final_model.embed(train_ids)),
-                       final_model.embed(train_ids)),
+        "": {"train": (scan_for("final model: train scan")(final_model, train_embeddings), train_embeddings),
              "val": (free_contexts["val"], embeddings[""])}}
     for suffix, model in (("", final_model), ("_phase1", phase1_model)):
         metrics[f"lyapunov{suffix}"] = {

@@ -147,6 +147,12 @@ def _raise_on_error(error: torch.Tensor) -> None:
         raise RuntimeError(f"cvfp scan kernel: a grid barrier waited more than {TIMEOUT_S} s (launch aborted)")
 
 
+def _refusal(model, embeddings: torch.Tensor) -> str:
+    """Why the kernel cannot run this model on these inputs (device, build, shapes), or "" when it can."""
+    ok, reason = check(embeddings.device)
+    return (unsupported(model, embeddings) or "") if ok else reason
+
+
 @torch.no_grad()
 def scan(model, embeddings: torch.Tensor, initial: Optional[torch.Tensor] = None, with_token_out: bool = False,
          weights: str = "fp32", strict: bool = False, **kernel_options):
@@ -158,11 +164,8 @@ def scan(model, embeddings: torch.Tensor, initial: Optional[torch.Tensor] = None
     `cvfp.kernels.fused.last_path` says which path ran.
     """
     global last_path
-    ok, reason = check(embeddings.device)
-    if ok:
-        reason = unsupported(model, embeddings) or ""
-        ok = not reason
-    if not ok:
+    reason = _refusal(model, embeddings)
+    if reason:
         if strict:
             raise _build.KernelUnavailable(reason)
         last_path = f"model.scan ({reason})"
@@ -181,11 +184,8 @@ def step(model, contexts: torch.Tensor, embeddings: torch.Tensor, weights: str =
     The kernel runs every row as a one-token scan from the given context (one launch for all
     rows); elsewhere this is the batched `model.step`.
     """
-    ok, reason = check(embeddings.device)
-    if ok:
-        reason = unsupported(model, embeddings) or ""
-        ok = not reason
-    if not ok:
+    reason = _refusal(model, embeddings)
+    if reason:
         if strict:
             raise _build.KernelUnavailable(reason)
         return model.step(contexts, embeddings)
