@@ -1,28 +1,31 @@
 """DVC stage `baselines`: a GRU and a causal Transformer sized and budgeted like Phase 2; models/{gru,transformer}.pt."""
 
-import torch
-
-from cvfp import distributed
-from cvfp.baselines import (KINDS, baseline_args, build, cvfp_trainable_parameters, match_width, save_baseline,
-                            train_baseline, validation_counts)
-from cvfp.metrics import finite_or_none, format_number, next_token_metrics
-from cvfp.data.carve import load_split
-from cvfp.io import sha256_file, write_csv, write_json
-from cvfp.runtime import resolve_device
-from cvfp.errors import StageError
-from cvfp.stage import report_timing, run_stage
+from cvfp.stage import log_split, report_timing, run_stage
 
 TOKENIZER = "data/tokenizer/tokenizer.json"
 CURVES = ("train_loss", "val_loss", "val_ppl", "val_acc", "val_bpb")  # per-epoch columns (dvc plots, MLflow curves)
 
 
 def body(params, run):
+    # the library is imported here, after the tracking writer has started (start-up order: cvfp.stage)
+    import torch
+    from cvfp import distributed
+    from cvfp.baselines import (KINDS, baseline_args, build, cvfp_trainable_parameters, match_width, save_baseline,
+                                train_baseline, validation_counts)
+    from cvfp.metrics import finite_or_none, format_number, next_token_metrics
+    from cvfp.data.carve import load_split
+    from cvfp.io import sha256_file, write_csv, write_json
+    from cvfp.runtime import resolve_device
+    from cvfp.errors import StageError
+
     device = resolve_device(params.device)
     world = distributed.current()
     say = distributed.main_only(print, world)
     train = load_split("data/splits/train.safetensors", TOKENIZER)
     val = load_split("data/splits/val.safetensors", TOKENIZER)
     test = load_split("data/splits/test.safetensors", TOKENIZER)
+    for name, split in (("train", train), ("val", val), ("test", test)):
+        log_split(run, f"data/splits/{name}.safetensors", split)
     target = cvfp_trainable_parameters(params.model, params.phase2, train.vocab_size)
     budget = params.baselines.budget_tokens or params.phase2.epochs * (train.ids.numel() - 1)
     rule = "baselines.budget_tokens" if params.baselines.budget_tokens else \

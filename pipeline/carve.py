@@ -1,10 +1,8 @@
 """DVC stage `carve`: the stream's tail becomes validation, then test; the rest training (SPEC section 3)."""
 
-from cvfp.data.cache import load_stream
-from cvfp.data.carve import carve, require_split, save_splits
-from cvfp.data.tokenizer import load_tokenizer, token_byte_lengths
-from cvfp.io import write_json
-from cvfp.stage import run_stage
+import time
+
+from cvfp.stage import log_split, report_timing, run_stage
 
 TOKENIZER = "data/tokenizer/tokenizer.json"
 SPLIT = "data/tokenizer/split.json"
@@ -16,6 +14,13 @@ METRICS = "metrics/data.json"
 
 
 def body(params, run):
+    # the library is imported here, after the tracking writer has started (start-up order: cvfp.stage)
+    from cvfp.data.cache import load_stream
+    from cvfp.data.carve import carve, load_split, require_split, save_splits
+    from cvfp.data.tokenizer import load_tokenizer, token_byte_lengths
+    from cvfp.io import write_json
+
+    tick = time.perf_counter()
     stream = load_stream(STREAM, TOKENIZER)
     require_split(SPLIT, stream, params.carve.val_fraction, params.carve.test_fraction)
     token_bytes = token_byte_lengths(load_tokenizer(TOKENIZER), TOKENIZER)
@@ -26,6 +31,9 @@ def body(params, run):
     write_json(METRICS, metrics)
     run.log_metrics(metrics)
     run.log_artifact(METRICS)
+    report_timing("carve", run, {"seconds": time.perf_counter() - tick})
+    for path in (TRAIN, VAL, TEST):
+        log_split(run, path, load_split(path, TOKENIZER), execution=True)
     m = metrics
     print(f"carve (unseen: {m['unseen_policy']}): train {m['train_tokens']} tokens / {m['train_docs']} docs, "
           f"val {m['val_tokens']} / {m['val_docs']}, test {m['test_tokens']} / {m['test_docs']}")

@@ -2,12 +2,6 @@
 
 import time
 
-from cvfp.cstar import generate_cstar, save_cstar
-from cvfp.data.carve import load_split
-from cvfp.io import require_fresh, sha256_file, write_json
-from cvfp.metrics import effective_rank, format_rank
-from cvfp.model import load_model
-from cvfp.runtime import resolve_device
 from cvfp.stage import report_timing, run_stage
 
 TOKENIZER = "data/tokenizer/tokenizer.json"
@@ -15,6 +9,14 @@ PHASE1 = "models/phase1.pt"
 
 
 def body(params, run):
+    # the library is imported here, after the tracking writer has started (start-up order: cvfp.stage)
+    from cvfp.cstar import generate_cstar, save_cstar
+    from cvfp.data.carve import load_split
+    from cvfp.io import require_fresh, sha256_file, write_json
+    from cvfp.metrics import effective_rank, format_rank
+    from cvfp.model import load_model
+    from cvfp.runtime import resolve_device
+
     device = resolve_device(params.device)
     model, payload = load_model(PHASE1, "phase1", device)
     phase1_sha256, tokenizer_sha256 = sha256_file(PHASE1), sha256_file(TOKENIZER)

@@ -1,19 +1,21 @@
 """DVC stage `evaluate`: next-token metrics (fixed and free-running) and context checks (SPEC section 7)."""
 
-from cvfp.cstar import load_cstar
-from cvfp.data.carve import load_split
-from cvfp.evaluate import HeldOut, context_mode_of, evaluate_all, json_ready, results_table
-from cvfp.io import require_fresh, sha256_file, write_csv, write_json
-from cvfp.model import load_model
-from cvfp.plots import evaluation_plots
-from cvfp.runtime import resolve_device
-from cvfp.stage import report_timing, run_stage
+from cvfp.stage import log_split, report_timing, run_stage
 
 TOKENIZER = "data/tokenizer/tokenizer.json"
 PHASE1, PHASE2 = "models/phase1.pt", "models/phase2.pt"
 
 
 def body(params, run):
+    # the library is imported here, after the tracking writer has started (start-up order: cvfp.stage)
+    from cvfp.cstar import load_cstar
+    from cvfp.data.carve import load_split
+    from cvfp.evaluate import HeldOut, context_mode_of, evaluate_all, json_ready, results_table
+    from cvfp.io import require_fresh, sha256_file, write_csv, write_json
+    from cvfp.model import load_model
+    from cvfp.plots import evaluation_plots
+    from cvfp.runtime import resolve_device
+
     device = resolve_device(params.device)
     phase1_model, phase1_payload = load_model(PHASE1, "phase1", device)
     final_model, final_payload = load_model(PHASE2, "phase2", device)
@@ -27,6 +29,7 @@ def body(params, run):
     held_out = {}
     for name in ("test", "val"):
         split = load_split(f"data/splits/{name}.safetensors", TOKENIZER)
+        log_split(run, f"data/splits/{name}.safetensors", split)
         held_out[name] = HeldOut(split.ids, load_cstar(f"data/cstar/{name}.safetensors", PHASE1), split.scored,
                                  split.target_bytes)
         print(f"evaluate on {device}: {name} {split.ids.numel()} tokens, {int(split.scored.sum())}/"

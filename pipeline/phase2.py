@@ -1,16 +1,6 @@
 """DVC stage `phase2`: next-token prediction on the frozen contexts C* (SPEC section 6); writes models/phase2.pt."""
 
-from cvfp import distributed
-from cvfp.cstar import load_cstar
-from cvfp.data.carve import load_split
-from cvfp.errors import ArtifactError
-from cvfp.io import sha256_file, write_csv, write_json
-from cvfp.metrics import format_rate
-from cvfp.model import load_model, save_model
-from cvfp.phase2 import train_phase2
-from cvfp.resume import checkpointer, fingerprint, load_resume_state, remove
-from cvfp.runtime import resolve_device
-from cvfp.stage import report_timing, run_stage, without_timing
+from cvfp.stage import log_split, report_timing, run_stage, without_timing
 
 TOKENIZER = "data/tokenizer/tokenizer.json"
 PHASE1 = "models/phase1.pt"
@@ -18,12 +8,25 @@ RESUME = "models/phase2.resume.pt"  # not a DVC out: DVC would delete it before 
 
 
 def body(params, run):
+    # the library is imported here, after the tracking writer has started (start-up order: cvfp.stage)
+    from cvfp import distributed
+    from cvfp.cstar import load_cstar
+    from cvfp.data.carve import load_split
+    from cvfp.errors import ArtifactError
+    from cvfp.io import sha256_file, write_csv, write_json
+    from cvfp.metrics import format_rate
+    from cvfp.model import load_model, save_model
+    from cvfp.phase2 import train_phase2
+    from cvfp.resume import checkpointer, fingerprint, load_resume_state, remove
+    from cvfp.runtime import resolve_device
+
     device = resolve_device(params.device)
     world = distributed.current()
     model, _ = load_model(PHASE1, "phase1", device)
     splits, cstar = {}, {}
     for split in ("train", "val"):
         splits[split] = load_split(f"data/splits/{split}.safetensors", TOKENIZER)
+        log_split(run, f"data/splits/{split}.safetensors", splits[split])
         cstar[split] = load_cstar(f"data/cstar/{split}.safetensors", PHASE1)
         if cstar[split].shape[0] != splits[split].ids.numel():
             raise ArtifactError(f"data/cstar/{split}.safetensors: {cstar[split].shape[0]} contexts for "

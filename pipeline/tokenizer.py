@@ -1,9 +1,8 @@
 """DVC stage `tokenizer`: select the documents, hold out the tail, train the byte-level BPE on the rest (SPEC 3)."""
 
-from cvfp.data.corpus import document_bytes, select_documents, split_documents, write_document_split, write_documents
-from cvfp.data.tokenizer import save_tokenizer, train_tokenizer
-from cvfp.io import write_json
-from cvfp.stage import run_stage
+import time
+
+from cvfp.stage import report_timing, run_stage
 
 DOCUMENTS = "data/corpus/documents.jsonl"
 TOKENIZER = "data/tokenizer/tokenizer.json"
@@ -12,6 +11,12 @@ METRICS = "metrics/tokenizer.json"
 
 
 def body(params, run):
+    # the library is imported here, after the tracking writer has started (start-up order: cvfp.stage)
+    from cvfp.data.corpus import document_bytes, select_documents, split_documents, write_document_split, write_documents
+    from cvfp.data.tokenizer import save_tokenizer, train_tokenizer
+    from cvfp.io import write_json
+
+    tick = time.perf_counter()
     selection = select_documents(params.data, params.seed)
     sizes = [document_bytes(d) for d in selection.documents]
     split = split_documents(sizes, params.carve.val_fraction, params.carve.test_fraction)
@@ -33,9 +38,13 @@ def body(params, run):
         metrics[f"{part}_documents"] = len(docs)
         metrics[f"{part}_document_bytes"] = sum(sizes[docs.start:docs.stop])
     write_json(METRICS, metrics)
+    report_timing("tokenizer", run, {"seconds": time.perf_counter() - tick})
     run.log_metrics(metrics)
     run.log_artifact(METRICS)
     run.log_artifact(SPLIT)
+    run.log_dataset(f"{params.data.source}-{metrics['documents']}docs", DOCUMENTS, "corpus",
+                    {"documents": metrics["documents"], "bytes": metrics["corpus_bytes"],
+                     **{f"{part}_documents": metrics[f"{part}_documents"] for part in split.parts()}}, execution=True)
     print(f"tokenizer: {metrics['documents']} documents from {selection.origin} "
           f"({metrics['corpus_documents']} available, {metrics['documents_skipped']} empty skipped), "
           f"{metrics['corpus_bytes']} bytes; vocab {metrics['vocab_size']}/{params.tokenizer.vocab_size}")

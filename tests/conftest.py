@@ -65,3 +65,18 @@ def write_params(path, overrides):
     yaml.default_flow_style = False
     with open(path, "w", encoding="utf-8") as handle:
         yaml.dump(tree, handle)
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory):
+    """A fresh git + DVC project holding this repo's pipeline (helpers.TINY_PARAMS), after one `dvc repro` and a commit.
+
+    Shared by the end-to-end modules (test_pipeline, the MLflow UI test): one tiny run costs about a minute."""
+    import helpers  # helpers imports write_params from this module
+
+    root = tmp_path_factory.mktemp("project")
+    env = helpers.make_project(root, helpers.TINY_PARAMS)
+    log = helpers.sh(["dvc", "repro"], root, env)
+    helpers.sh(["git", "add", "-A"], root, env)
+    helpers.sh(["git", "commit", "-qm", "repro"], root, env)  # dvc exp needs the baseline committed
+    return root, env, log

@@ -4,6 +4,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -106,3 +107,26 @@ def make_project(root, overrides):
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "init"], root, env)
     return env
+
+
+def run_queued(root, env, values, param="phase2.lr", jobs=2, timeout=600):
+    """Queue one `dvc exp run -S param=value` per value, run them `jobs` at a time, wait; the final `dvc queue status`.
+
+    `dvc queue start` leaves worker daemons behind that inherit its stdout/stderr: capturing them would wait for
+    the daemons to exit (seen once: a worker lingered after the queue ran dry), so they write to a file outside
+    the workspace."""
+    for value in values:
+        sh(["dvc", "exp", "run", "--queue", "-S", f"{param}={value}"], root, env)
+    with open(Path(root).parent / "queue-start.log", "w") as out:
+        assert subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=root, env=env, stdout=out, stderr=out,
+                              stdin=subprocess.DEVNULL, timeout=120).returncode == 0
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = sh(["dvc", "queue", "status"], root, env)
+            if not any(word in status for word in ("Running", "Queued")):
+                return status
+            assert time.monotonic() < deadline, status
+            time.sleep(3)
+    finally:
+        subprocess.run(["dvc", "queue", "stop"], cwd=root, env=env, capture_output=True, timeout=120)

@@ -241,26 +241,27 @@ def test_the_stage_early_stops_on_validation_and_scores_test_once_with_the_kept_
         ids = periodic((120, 41, 53)[offset], seed=offset + 1)
         scored, target_bytes = labelled(ids)
         splits[name] = SimpleNamespace(ids=ids, scored=scored, target_bytes=target_bytes, vocab_size=VOCAB)
-    events = []
-    real_train, real_counts = stage.train_baseline, baselines.validation_counts
+    events, training = [], []
+    real_train, real_counts = baselines.train_baseline, baselines.validation_counts
 
-    def counted(model, ids, *args):  # every count train_baseline makes (it calls cvfp.baselines.validation_counts)
-        events.append(("validation", ids))
+    def counted(model, ids, *args):  # during training: train_baseline's counts; after: the stage's own
+        events.append(("validation" if training else "stage", ids))
         return real_counts(model, ids, *args)
 
     def train(model, train_ids, val_ids, val_scored, val_target_bytes, *args, **kwargs):
         events.append(("train", (train_ids, val_ids, val_scored, val_target_bytes)))
-        return real_train(model, train_ids, val_ids, val_scored, val_target_bytes, *args, **kwargs)
+        training.append(True)
+        try:
+            return real_train(model, train_ids, val_ids, val_scored, val_target_bytes, *args, **kwargs)
+        finally:
+            training.pop()
 
-    def tested(model, ids, *args):  # the stage's own count, after training
-        events.append(("stage", ids))
-        return real_counts(model, ids, *args)
-
+    # the stage imports the library inside body(): patch where the names live
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(stage, "load_split", lambda path, tokenizer: splits[Path(path).stem])
-    monkeypatch.setattr(stage, "sha256_file", lambda path: "0" * 64)
-    monkeypatch.setattr(stage, "train_baseline", train)
-    monkeypatch.setattr(stage, "validation_counts", tested)
+    monkeypatch.setattr("cvfp.data.carve.load_split", lambda path, tokenizer: splits[Path(path).stem])
+    monkeypatch.setattr("cvfp.io.sha256_file", lambda path: "0" * 64)
+    monkeypatch.setattr(stage, "log_split", lambda *args, **kwargs: None)  # the fakes are not TokenStreams
+    monkeypatch.setattr(baselines, "train_baseline", train)
     monkeypatch.setattr(baselines, "validation_counts", counted)
     params = Params.model_validate({
         "device": "cpu", "model": {"context_dim": 8, "embed_dim": 8, "hidden_dim": 16, "layer_structure": [1, 1]},

@@ -198,5 +198,5 @@ def test_dvc_repro_with_two_processes_gives_the_same_metrics(tmp_path):
         assert mine[0].data.params["distributed.nproc_per_node"] in ("1", "2")
     newest = max((r for r in runs if r.data.tags.get("cvfp.stage") == "phase1"), key=lambda r: r.info.start_time)
     assert newest.data.params["distributed.nproc_per_node"] == "2"
-    assert len(client.get_metric_history(newest.info.run_id, "train.effective_rank")) == two["phase1"]["iterations"]
+    assert len(client.get_metric_history(newest.info.run_id, "1_effective_rank/train")) == two["phase1"]["iterations"]
 

@@ -20,6 +20,7 @@ NOT_DEPS = {
     "src/cvfp/__init__.py": "the package marker: a docstring and nothing else",
     "src/cvfp/data/__init__.py": "the subpackage marker: a docstring and nothing else",
     "src/cvfp/tracking.py": "only logs to MLflow; the stages' files never depend on it",
+    "src/cvfp/tracking_writer.py": "the tracking writer process: only logs to MLflow",
 }
 
 

@@ -357,13 +357,17 @@ def test_the_phase2_stage_early_stops_on_validation_and_never_reads_test(tmp_pat
         calls.append(args)
         return real(*args, **kwargs)
 
-    real = stage.train_phase2
+    import cvfp.phase2
+
+    real = cvfp.phase2.train_phase2
+    # the stage imports the library inside body(): patch where the names live
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(stage, "load_model", lambda path, name, device: (tiny_model(), {}))
-    monkeypatch.setattr(stage, "load_split", load_split)
-    monkeypatch.setattr(stage, "load_cstar", load_cstar)
-    monkeypatch.setattr(stage, "sha256_file", lambda path: "0" * 64)
-    monkeypatch.setattr(stage, "train_phase2", spy)
+    monkeypatch.setattr("cvfp.model.load_model", lambda path, name, device: (tiny_model(), {}))
+    monkeypatch.setattr("cvfp.data.carve.load_split", load_split)
+    monkeypatch.setattr("cvfp.cstar.load_cstar", load_cstar)
+    monkeypatch.setattr("cvfp.io.sha256_file", lambda path: "0" * 64)
+    monkeypatch.setattr(stage, "log_split", lambda *args, **kwargs: None)  # the fakes are not TokenStreams
+    monkeypatch.setattr(cvfp.phase2, "train_phase2", spy)
     run_params = Params.model_validate({"device": "cpu", "phase2": {"epochs": 2, "batch_size": 8, "patience": 2}})
     stage.body(run_params, NoRun())
 

@@ -1,12 +1,10 @@
 """End to end: the real `dvc repro` of all seven stages on a tiny params set, in a copy of the repo."""
 
 import json
-import subprocess
-import time
 
 import pytest
 from conftest import write_params
-from helpers import TINY_PARAMS, make_project, sh
+from helpers import TINY_PARAMS, run_queued, sh
 from mlflow.tracking import MlflowClient
 
 STAGES = ["tokenizer", "cache", "carve", "phase1", "cstar", "phase2", "evaluate", "baselines", "compare"]
@@ -18,17 +16,6 @@ STAGES = ["tokenizer", "cache", "carve", "phase1", "cstar", "phase2", "evaluate"
 
 
 
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A fresh git + DVC project holding this repo's pipeline, after one `dvc repro`."""
-    root = tmp_path_factory.mktemp("project")
-    env = make_project(root, TINY_PARAMS)
-    log = sh(["dvc", "repro"], root, env)
-    sh(["git", "add", "-A"], root, env)
-    sh(["git", "commit", "-qm", "repro"], root, env)  # dvc exp needs the baseline committed
-    return root, env, log
 
 
 def read(root, name):
@@ -94,7 +81,7 @@ def test_one_parent_run_with_a_child_per_stage(project):
     phase1 = next(r for r in children if r.data.tags["cvfp.stage"] == "phase1")
     assert phase1.data.params["phase1.dist_reg_weight"] == "0.1"
     assert phase1.data.params["model.layer_structure"] == "[1, 1]"
-    curve = client.get_metric_history(phase1.info.run_id, "train.effective_rank")
+    curve = client.get_metric_history(phase1.info.run_id, "1_effective_rank/train")
     assert len(curve) == read(root, "phase1.json")["iterations"]
     compare = next(r for r in children if r.data.tags["cvfp.stage"] == "compare")
     for name in ("cvfp_fixed", "cvfp_free", "gru", "transformer"):
@@ -164,23 +151,7 @@ def stored(client, run):
 def test_queued_experiments_land_in_the_workspace_store(project):
     """`dvc exp run --queue` runs in temporary copies; both must log to the workspace's sqlite store."""
     root, env, _ = project
-    for lr in ("0.01", "0.0003"):
-        sh(["dvc", "exp", "run", "--queue", "-S", f"phase2.lr={lr}"], root, env)
-    # `dvc queue start` leaves worker daemons behind that inherit its stdout/stderr: capturing them would
-    # wait for the daemons to exit (seen once: a worker lingered after the queue ran dry), so they go to a file
-    with open(root.parent / "queue-start.log", "w") as out:  # outside the workspace
-        assert subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=root, env=env, stdout=out, stderr=out,
-                              stdin=subprocess.DEVNULL, timeout=120).returncode == 0
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            status = sh(["dvc", "queue", "status"], root, env)
-            if not any(word in status for word in ("Running", "Queued")):
-                break
-            assert time.monotonic() < deadline, status
-            time.sleep(3)
-    finally:
-        subprocess.run(["dvc", "queue", "stop"], cwd=root, env=env, capture_output=True, timeout=120)
+    status = run_queued(root, env, ("0.01", "0.0003"))
     assert status.count("Success") == 2, status
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("cvfp")

@@ -12,6 +12,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from cvfp import study
+from cvfp.tracking import phase1_curve
 
 PARAMS = """\
 phase1:
@@ -63,15 +64,19 @@ def sh(args, cwd, env):
     return done.stdout.strip()
 
 
-def log_phase1(client, experiment_id, name, commit, curves, start_time, status="FINISHED"):
-    """A pipeline parent run with one phase1 child run, tagged as cvfp.tracking tags them; curves at steps 1.."""
+def log_phase1(client, experiment_id, name, commit, curves, start_time, status="FINISHED", legacy=False):
+    """A pipeline parent run with one phase1 child run, tagged as cvfp.tracking tags them; curves at steps 1..
+
+    The curves are named as the phase1 stage names them (`2_convergence_rate/train`), or with `legacy` as runs
+    logged before the chart sections were (`train.convergence_rate`)."""
     tags = {"git.commit": commit, "dvc.exp_name": name}
     parent = client.create_run(experiment_id, run_name=name, start_time=start_time,
                                tags={**tags, "cvfp.stage": "pipeline"}).info.run_id
     client.set_terminated(parent, "FINISHED")
     run = client.create_run(experiment_id, run_name="phase1", start_time=start_time,
                             tags={**tags, "cvfp.stage": "phase1", "mlflow.parentRunId": parent}).info.run_id
-    metrics = [Metric(key, value, start_time + step, step) for key, values in curves.items()
+    name = (lambda key: key) if legacy else (lambda key: phase1_curve(*key.split(".", 1)))
+    metrics = [Metric(name(key), value, start_time + step, step) for key, values in curves.items()
                for step, value in enumerate(values, start=1)]
     client.log_batch(run, metrics=metrics)
     client.set_terminated(run, status)
@@ -104,7 +109,7 @@ def scratch(tmp_path_factory):
     newest = log_phase1(client, experiment, "exp-a", head, CURVE, start_time=2_000)
     log_phase1(client, experiment, "exp-a", head, stale, start_time=3_000, status="FAILED")  # not finished
     without_val_loss = {key: values for key, values in CURVE.items() if key != "val.cvfp_loss"}
-    log_phase1(client, experiment, "exp-b", head, without_val_loss, start_time=2_500)
+    log_phase1(client, experiment, "exp-b", head, without_val_loss, start_time=2_500, legacy=True)
 
     with pytest.MonkeyPatch.context() as patch:
         for key in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_"))]:

@@ -1,18 +1,16 @@
 """`cvfp` command line: `cvfp report` prints the results of the last `dvc repro` from metrics/*.json;
-`cvfp generate` continues a prompt with a trained model; `cvfp study` collects DVC experiments into STUDY.md."""
+`cvfp generate` continues a prompt with a trained model; `cvfp study` collects DVC experiments into STUDY.md;
+`cvfp log-runs` logs the stages' journals to the tracking store (after the store was down).
+
+Each command imports what it needs when it runs (torch only for `report` and `generate`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
-
-from cvfp import generate, study
-from cvfp.compare import comparison_table, training_seconds
-from cvfp.evaluate import results_table
-from cvfp.metrics import format_number, format_rank, format_rate
-from cvfp.params import load_params
 
 
 def _load(folder: Path, name: str) -> dict | None:
@@ -25,6 +23,11 @@ def report(folder: Path, params_file: Path) -> int:
 
     Exit 1 if the pipeline has not run.
     """
+    from cvfp.compare import comparison_table, training_seconds
+    from cvfp.evaluate import results_table
+    from cvfp.metrics import format_number, format_rank, format_rate
+    from cvfp.params import load_params
+
     data = _load(folder, "data.json")
     if data is None:
         print(f"no results in {folder}/: run `dvc repro` first", file=sys.stderr)
@@ -84,7 +87,75 @@ def report(folder: Path, params_file: Path) -> int:
     return 0
 
 
+def log_runs(root: Path) -> int:
+    """Log every stage journal under `root` to the current tracking store, skipping stages already complete there.
+
+    One line per stage journal. Exit 0 when every journal is there afterwards, 1 otherwise (the store is still
+    failing: the reason is printed), 2 when there is nothing to log.
+    """
+    from cvfp.runtime import configure_environment, project_root
+    from cvfp.tracking import redact, tracking_uri
+    from cvfp.tracking_writer import journals, replay
+
+    configure_environment()
+    root = project_root() if root is None else root.resolve()
+    found = journals(root)
+    if not found:
+        print(f"no stage journals under {root}/.cvfp/journal: no stage has run here since journals were kept",
+              file=sys.stderr)
+        return 2
+    uri = tracking_uri()
+    print(f"logging {len(found)} stage journal(s) to {redact(uri)}")
+    failed = 0
+    for journal in found:
+        outcome, failures = replay(journal, uri)
+        label = f"{journal.parent.name}/{journal.stem}"
+        print(f"  {label}: {outcome}" + (f" ({'; '.join(failures[:3])})" if failures else ""))
+        failed += outcome not in ("logged", "already there")
+    return 1 if failed else 0
+
+
+UI_VIEW = "workflowType=machine_learning"  # MLflow 3.17's UI opens an experiment on its GenAI overview without it
+
+
+def ui_url(base: str, tracking: str) -> str:
+    """The runs table of the pipeline's experiment in the MLflow UI at `base` (the store is `tracking`).
+
+    MLflow's UI picks the experiment page's view from its sidebar's GenAI / Model training switch (the URL's
+    `workflowType`, else what this browser chose last, else GenAI), not from the experiment's
+    `mlflow.experimentKind` tag: the link says `machine_learning`, so it opens on the runs.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from cvfp.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV
+
+    name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    experiment = MlflowClient(tracking_uri=tracking).get_experiment_by_name(name)
+    if experiment is None:
+        raise SystemExit(f"no experiment {name!r} in {tracking}: run `dvc repro` first")
+    return f"{base.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs?{UI_VIEW}"
+
+
+def ui(host: str, port: int, url_only: bool) -> int:
+    """Print the link to the runs table; start `mlflow ui` on the local store unless the store is a server."""
+    from cvfp.runtime import configure_environment
+    from cvfp.tracking import redact, tracking_uri
+
+    configure_environment()
+    store = tracking_uri()
+    if store.startswith(("http://", "https://")):
+        print(redact(ui_url(store, store)))
+        return 0
+    print(ui_url(f"http://{host}:{port}", store))
+    if url_only:
+        return 0
+    sys.stdout.flush()
+    os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", store, "--host", host, "--port", str(port)])
+
+
 def main(argv: list[str] | None = None) -> None:
+    from cvfp import generate, study  # light: their heavy imports happen inside their commands
+
     parser = argparse.ArgumentParser(prog="cvfp", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     show = commands.add_parser("report", help="print the results of the last pipeline run")
@@ -93,13 +164,25 @@ def main(argv: list[str] | None = None) -> None:
     sample = commands.add_parser("generate", help="continue a prompt with the final CVFP model or a baseline")
     generate.add_arguments(sample)
     study.add_arguments(commands.add_parser("study", help=study.HELP))
+    relog = commands.add_parser("log-runs", help="log the stages' journals to the tracking store "
+                                                 "(MLFLOW_TRACKING_URI or mlflow.db), skipping what is there")
+    relog.add_argument("--root", type=Path, default=None, help="workspace root (default: the project around cwd)")
+    view = commands.add_parser("ui", help="open the MLflow UI on the runs table: print its link, start `mlflow ui` "
+                                          "on the local store (bound to 127.0.0.1)")
+    view.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: not on the network)")
+    view.add_argument("--port", type=int, default=5000)
+    view.add_argument("--url-only", action="store_true", help="print the link, start nothing")
     args = parser.parse_args(argv)
+    if args.command == "ui":
+        raise SystemExit(ui(args.host, args.port, args.url_only))
     if args.command == "report":
         raise SystemExit(report(args.metrics, args.params))
     if args.command == "generate":
         raise SystemExit(generate.run(args))
     if args.command == "study":
         raise SystemExit(study.run(args))
+    if args.command == "log-runs":
+        raise SystemExit(log_runs(args.root))
 
 
 if __name__ == "__main__":

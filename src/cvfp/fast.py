@@ -59,6 +59,10 @@ class _Guarded:
         self.fn = fn
         self.name = name
         mode = mode if COMPILE_BACKEND == "inductor" else None
+        if torch.are_deterministic_algorithms_enabled():  # seed_everything sets torch's flag, not inductor's
+            import torch._inductor.config as inductor_config
+
+            inductor_config.deterministic = True
         self.compiled = torch.compile(fn, backend=COMPILE_BACKEND, mode=mode, dynamic=False)
         self.failed = False
 

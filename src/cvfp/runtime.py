@@ -1,13 +1,14 @@
-"""Process set-up shared by every stage: project root, environment, seeding, device, progress."""
+"""Process set-up shared by every stage: project root, environment, seeding, device, progress.
+
+Importing this module imports neither torch nor numpy (the tracking writer starts before they
+load; see `cvfp.stage`): the functions that need them import them when called.
+"""
 
 from __future__ import annotations
 
 import os
 import random
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from cvfp.errors import ParamsError
 
@@ -44,18 +45,29 @@ def configure_environment() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a "View run" line per run: noise
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch, and ask torch for deterministic CPU kernels."""
+    """Seed python, numpy and torch, and ask torch for deterministic kernels.
+
+    This is what `torch.use_deterministic_algorithms(True, warn_only=True)` does, minus its import of
+    the compiler stack (`torch._inductor.config`, which pulls `torch._dynamo`: 1.9 s of a stage's
+    start on 2 cores). The compiled paths set inductor's flag themselves (`fast.compiled`).
+    """
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch._C._set_deterministic_algorithms(True, warn_only=True)
 
 
 def resolve_device(name: str):
     """`auto` -> cuda when available else cpu; `cuda` without a GPU is an error."""
+    import torch
+
     if name == "cuda" and not torch.cuda.is_available():
         raise ParamsError("device: cuda was asked for, but this machine has no CUDA device (torch.cuda.is_available() "
                           "is False); set device: auto or cpu")

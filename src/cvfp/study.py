@@ -32,6 +32,7 @@ from matplotlib.ticker import MaxNLocator
 from cvfp.io import atomic_path, write_text
 from cvfp.metrics import format_number, format_rate
 from cvfp.plots import DPI, FIGSIZE
+from cvfp.tracking import phase1_curve
 
 HELP = "collect DVC experiments (and their MLflow curves) into STUDY.md with plots"
 WORKSPACE = "workspace"  # DVC's name for the working tree, and the tracking tag of a plain `dvc repro`
@@ -200,7 +201,10 @@ def add_curves(records: list[dict[str, Any]], tracking_uri: str) -> None:
                                    f"experiment's baseline {record['baseline'][:7]} (no run at that commit)")
         record["curves_run"] = run.info.run_id
         for key in CURVES:
-            history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
+            split, _, quantity = key.partition(".")
+            history = client.get_metric_history(run.info.run_id, phase1_curve(split, quantity)) or \
+                client.get_metric_history(run.info.run_id, key)  # the name before the curves had chart sections
+            history = sorted(history, key=lambda m: (m.step, m.timestamp))
             points = {m.step: m.value for m in history}  # a step logged twice keeps its last value
             if points:
                 record["curves"][key] = [[step, value] for step, value in sorted(points.items())]
