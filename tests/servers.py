@@ -12,6 +12,7 @@ which a test module imports (`from servers import postgres, team_servers, mlflow
 from __future__ import annotations
 
 import base64
+import glob
 import json
 import os
 import pwd
@@ -30,11 +31,20 @@ import pytest
 
 HOST = "127.0.0.1"
 PG_USER = "mlflow"  # the database role the MLflow server connects as
+PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"  # Debian's postgresql package: initdb and pg_ctl are not on PATH
 PG_OS_USER = "postgres"  # initdb and postgres refuse to run as root: as root, they run as this user
 
 
 class ServerError(RuntimeError):
     """A server that did not start (or stop); the message ends with its log tail."""
+
+
+def pg_binary(name: str) -> str:
+    """A PostgreSQL program by absolute path: from PATH, else the newest Debian install (PG_BIN_GLOB)."""
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"{PG_BIN_GLOB}/{name}"), reverse=True)), None)
+    if found is None:
+        raise ServerError(f"PostgreSQL's {name} is not installed: apt-get install -y postgresql")
+    return found
 
 
 def free_port() -> int:
@@ -108,6 +118,7 @@ class Postgres:
         return ["runuser", "-u", PG_OS_USER, "--", *args] if self.as_root else args
 
     def _run(self, args: list[str], what: str, timeout: float = 120, env: dict | None = None) -> str:
+        args = [pg_binary(args[0]), *args[1:]]
         try:
             done = subprocess.run(self._as_owner(args), cwd=self.folder, capture_output=True, text=True,
                                   timeout=timeout, env=env or _clean_env())
