@@ -16,7 +16,7 @@ METRICS = "metrics/data.json"
 def body(params, run):
     # the library is imported here, after the tracking writer has started (start-up order: cvfp.stage)
     from cvfp.data.cache import load_stream
-    from cvfp.data.carve import carve, load_split, require_split, save_splits
+    from cvfp.data.carve import carve, require_split, save_splits
     from cvfp.data.tokenizer import load_tokenizer, token_byte_lengths
     from cvfp.io import write_json
 
@@ -32,8 +32,8 @@ def body(params, run):
     run.log_metrics(metrics)
     run.log_artifact(METRICS)
     report_timing("carve", run, {"seconds": time.perf_counter() - tick})
-    for path in (TRAIN, VAL, TEST):
-        log_split(run, path, load_split(path, TOKENIZER), execution=True)
+    for path, split in zip((TRAIN, VAL, TEST), result.streams().values()):  # the streams just written
+        log_split(run, path, split, execution=True)
     m = metrics
     print(f"carve (unseen: {m['unseen_policy']}): train {m['train_tokens']} tokens / {m['train_docs']} docs, "
           f"val {m['val_tokens']} / {m['val_docs']}, test {m['test_tokens']} / {m['test_docs']}")
