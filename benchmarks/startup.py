@@ -6,8 +6,13 @@ In a fresh copy of this repository's pipeline (a temporary git + DVC project, pa
 the repository's plus `benchmarks/startup.yaml`'s overrides, validated like any params file):
 
 - **per stage:** `python pipeline/<stage>.py`, each stage `--runs` times after one warm-up
-  `dvc repro`; overhead = wall − the stage's `metrics/timing/<stage>.json` seconds;
-- **`dvc repro -f`:** the whole pipeline, `--runs` times; overhead = wall − Σ stage work;
+  `dvc repro`; overhead = wall − the stage's `metrics/timing/<stage>.json` seconds; once with the
+  warm server and the tracking service up (what every stage after the first of a `dvc repro`
+  sees), once *cold* (`CVFP_WARM_START=0 CVFP_TRACKING_SERVICE=0`: each stage imports torch and
+  starts a writer process of its own);
+- **`dvc repro -f`:** the whole pipeline, `--runs` times; overhead = wall − Σ stage work; with
+  the servers up, and *first start*: with no server running (stopped before each run), so the
+  run pays their start, as the first `dvc repro` after a code change does;
 - **`dvc exp run -S phase2.lr=0.003`** after the default run (the run-cache is emptied first so
   the three affected stages really run), `--runs` times; overhead likewise;
 - **no-change `dvc repro`:** wall (DVC alone: nothing runs);
@@ -116,13 +121,33 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
-def measure(project: Path, env: dict, runs: int, exp_param: str, say) -> dict:
-    results: dict = {}
-    say("warm-up: dvc repro")
-    run(["dvc", "repro"], project, env)
-    run(["git", "add", "-A"], project, env)
-    run(["git", "commit", "-qm", "baseline"], project, env)
+COLD = {"CVFP_WARM_START": "0", "CVFP_TRACKING_SERVICE": "0"}  # how a stage started before the servers
 
+
+def stop_servers() -> int:
+    """Stop every running warm server and tracking service of this user (what a code change or 10 idle
+    minutes amounts to): the next stage starts them again. Returns how many were stopped."""
+    stopped = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            if entry.stat().st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        if b"--serve" in command and (b"cvfp.warm" in command or b"cvfp.tracking_writer" in command):
+            try:
+                os.kill(int(entry.name), 15)
+                stopped += 1
+            except OSError:
+                pass
+    time.sleep(0.5)
+    return stopped
+
+
+def measure_stages(project: Path, env: dict, runs: int, say, label: str) -> tuple[dict, dict]:
     per_stage: dict[str, list[float]] = {stage: [] for stage in STAGES}
     walls: dict[str, list[float]] = {stage: [] for stage in STAGES}
     for number in range(runs):
@@ -130,18 +155,38 @@ def measure(project: Path, env: dict, runs: int, exp_param: str, say) -> dict:
             wall = run([sys.executable, f"pipeline/{stage}.py"], project, {**env, "DVC_ROOT": str(project)})
             walls[stage].append(wall)
             per_stage[stage].append(wall - work_seconds(project, stage))
-        say(f"stages, run {number + 1}/{runs}: overhead " +
+        say(f"stages ({label}), run {number + 1}/{runs}: overhead " +
             ", ".join(f"{s} {per_stage[s][-1]:.2f}" for s in STAGES))
-    results["stage_overhead"] = {stage: summary(values) for stage, values in per_stage.items()}
-    results["stage_wall"] = {stage: summary(values) for stage, values in walls.items()}
+    return ({stage: summary(values) for stage, values in per_stage.items()},
+            {stage: summary(values) for stage, values in walls.items()})
 
-    repro_wall, repro_overhead = [], []
+
+def measure_repro(project: Path, env: dict, runs: int, say, first_start: bool) -> tuple[dict, dict]:
+    walls, overheads = [], []
     for number in range(runs):
+        if first_start:
+            stop_servers()
         wall = run(["dvc", "repro", "-f"], project, env)
-        repro_wall.append(wall)
-        repro_overhead.append(wall - sum(work_seconds(project, stage) for stage in STAGES))
-        say(f"dvc repro -f, run {number + 1}/{runs}: wall {wall:.1f} s, overhead {repro_overhead[-1]:.1f} s")
-    results["repro_wall"], results["repro_overhead"] = summary(repro_wall), summary(repro_overhead)
+        walls.append(wall)
+        overheads.append(wall - sum(work_seconds(project, stage) for stage in STAGES))
+        say(f"dvc repro -f{' (first start)' if first_start else ''}, run {number + 1}/{runs}: wall {wall:.1f} s, "
+            f"overhead {overheads[-1]:.1f} s")
+    return summary(walls), summary(overheads)
+
+
+def measure(project: Path, env: dict, runs: int, exp_param: str, say) -> dict:
+    results: dict = {}
+    say("warm-up: dvc repro")
+    run(["dvc", "repro"], project, env)
+    run(["git", "add", "-A"], project, env)
+    run(["git", "commit", "-qm", "baseline"], project, env)
+
+    results["stage_overhead"], results["stage_wall"] = measure_stages(project, env, runs, say, "servers up")
+    results["stage_overhead_cold"], results["stage_wall_cold"] = measure_stages(project, {**env, **COLD}, runs,
+                                                                                say, "cold")
+    results["repro_wall"], results["repro_overhead"] = measure_repro(project, env, runs, say, first_start=False)
+    results["repro_first_wall"], results["repro_first_overhead"] = measure_repro(project, env, runs, say,
+                                                                                 first_start=True)
 
     nochange = [run(["dvc", "repro"], project, env) for _ in range(runs)]
     results["nochange_repro_wall"] = summary(nochange)
@@ -161,7 +206,8 @@ def measure(project: Path, env: dict, runs: int, exp_param: str, say) -> dict:
 
 
 def measure_default(project: Path, env: dict, say) -> dict:
-    say("default params: dvc repro -f (one run)")
+    say("default params: dvc repro -f (one run, servers stopped first: it pays their start)")
+    stop_servers()
     wall = run(["dvc", "repro", "-f"], project, env)
     work = {stage: work_seconds(project, stage) for stage in STAGES}
     say(f"default dvc repro -f: wall {wall:.1f} s, work {sum(work.values()):.1f} s")
@@ -203,10 +249,17 @@ def report(results: dict) -> str:
 
     lines = [f"start-up ({results['checkout']}; untimed, overhead includes their work: "
              f"{', '.join(results['untimed_stages']) or 'none'}; {results['machine']}; median (min–max) of {results['runs']} runs, seconds)",
-             "| stage | overhead | wall |", "|---|---|---|"]
+             "| stage | overhead | wall | overhead, cold | wall, cold |", "|---|---|---|---|---|"]
+    cold = "stage_overhead_cold" in results
     for stage in STAGES:
-        lines.append(f"| {stage} | {cell(results['stage_overhead'][stage])} | {cell(results['stage_wall'][stage])} |")
+        row = f"| {stage} | {cell(results['stage_overhead'][stage])} | {cell(results['stage_wall'][stage])} |"
+        if cold:
+            row += f" {cell(results['stage_overhead_cold'][stage])} | {cell(results['stage_wall_cold'][stage])} |"
+        lines.append(row)
     lines.append(f"| `dvc repro -f` (tiny) | {cell(results['repro_overhead'])} | {cell(results['repro_wall'])} |")
+    if "repro_first_overhead" in results:
+        lines.append(f"| `dvc repro -f` (tiny), first start | {cell(results['repro_first_overhead'])} | "
+                     f"{cell(results['repro_first_wall'])} |")
     lines.append(f"| `dvc exp run -S …` | {cell(results['exp_run_overhead'])} | {cell(results['exp_run_wall'])} |")
     lines.append(f"| no-change `dvc repro` | — | {cell(results['nochange_repro_wall'])} |")
     if "default_repro" in results:

@@ -21,6 +21,9 @@ NOT_DEPS = {
     "src/cvfp/data/__init__.py": "the subpackage marker: a docstring and nothing else",
     "src/cvfp/tracking.py": "only logs to MLflow; the stages' files never depend on it",
     "src/cvfp/tracking_writer.py": "the tracking writer process: only logs to MLflow",
+    "src/cvfp/service.py": "process plumbing (which process runs the code), never what the code computes",
+    "src/cvfp/warm.py": "where a stage's process comes from (forked from a server that imported the library); "
+                        "test_pipeline's forced rerun, warm then cold, shows it changes no byte",
 }
 
 

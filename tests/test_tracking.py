@@ -2,14 +2,16 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cvfp import tracking
+from cvfp import service, tracking
 from cvfp.params import Params
 from cvfp.runtime import project_root
 
@@ -222,12 +224,132 @@ def test_credentials_never_reach_the_warning(workspace, monkeypatch):
     assert tracking.redact("see http://u:pw@host:1/x and other-secret") == "see http://***@host:1/x and ***"
 
 
-def test_a_dead_writer_process_is_reported_not_hidden(workspace):
-    """If the writer process dies mid-stage, the stage still closes and says what may be missing."""
+@pytest.mark.parametrize("service", ["1", "0"], ids=["forked-by-the-service", "own-process"])
+def test_a_dead_writer_process_is_reported_not_hidden(workspace, monkeypatch, service):
+    """If the writer dies mid-stage (one the service forked, or the stage's own), the stage still closes and
+    says what may be missing."""
+    monkeypatch.setenv(tracking.SERVICE_ENV, service)
     run = tracking.StageRun("evaluate", Params().flat())
-    os.kill(run._writer.process.pid, signal.SIGKILL)
-    run._writer.process.wait()
+    assert run._writer.connected.wait(tracking.SERVICE_START_S) and run._writer.pid
+    os.kill(run._writer.pid, signal.SIGKILL)
+    time.sleep(0.2)
     run.log_metrics({"test": {"bpb": 2.5}})
     with pytest.warns(UserWarning, match="not logged for stage 'evaluate'"):
         run.close()
-    assert any("writer process" in failure for failure in run.failures)
+    assert any("writer" in failure and "pid" in failure for failure in run.failures), run.failures
+
+
+# -- the tracking service ------------------------------------------------------------------------------------------
+
+
+def _parent_pid(pid):
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _served_run(stage):
+    """A background StageRun, its writer's pid and the pid of the process that forked it."""
+    run = tracking.StageRun(stage, Params().flat())
+    assert run._writer.connected.wait(tracking.SERVICE_START_S)
+    return run, run._writer.pid, _parent_pid(run._writer.pid)
+
+
+def test_one_service_forks_a_writer_per_stage_with_the_stage_environment(workspace, tmp_path_factory, monkeypatch):
+    """Two stages, two stores (chosen by the stages' own MLFLOW_TRACKING_URI): one service, two writer processes,
+    each run in its own stage's store."""
+    first, writer_a, service_a = _served_run("tokenizer")
+    first.log_metrics({"x": 1.0})
+    first.close()
+    other = tmp_path_factory.mktemp("other") / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    second, writer_b, service_b = _served_run("cache")
+    second.log_metrics({"y": 2.0})
+    second.close()
+    assert not first.failures and not second.failures
+    assert service_a == service_b and writer_a != writer_b
+    assert "--serve" in Path(f"/proc/{service_a}/cmdline").read_text()
+    _, here = runs(workspace)
+    assert [r.data.metrics for r in here if r.data.tags[tracking.STAGE_TAG] == "tokenizer"] == [{"x": 1.0}]
+    there = MlflowClient(tracking_uri=f"sqlite:///{other}")
+    found = there.search_runs([there.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT).experiment_id])
+    assert sorted(r.data.tags[tracking.STAGE_TAG] for r in found) == ["cache", "pipeline"]
+
+
+def test_without_the_service_a_stage_starts_its_own_writer(workspace, monkeypatch):
+    monkeypatch.setenv(tracking.SERVICE_ENV, "0")
+    run, writer, parent = _served_run("carve")
+    command = Path(f"/proc/{writer}/cmdline").read_text().split("\0")
+    run.close()
+    assert parent == os.getpid() and "cvfp.tracking_writer" in command and "--serve" not in command
+    assert not run.failures
+    assert [r.data.tags[tracking.STAGE_TAG] for r in runs(workspace)[1]].count("carve") == 1
+
+
+def test_a_stage_killed_mid_run_leaves_a_failed_run(workspace):
+    """The service's writer sees the stage's end of the socket close without `close`: the run ends FAILED."""
+    script = ("import os, signal, time\n"
+              "from cvfp import tracking\nfrom cvfp.params import Params\n"
+              "run = tracking.StageRun('phase1', Params().flat())\n"
+              "run.log_metrics({'loss': 1.5}, step=1)\n"
+              "run._writer.connected.wait(60)\n"
+              "time.sleep(1.0)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=workspace, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stage = [r for r in runs(workspace)[1] if r.data.tags[tracking.STAGE_TAG] == "phase1"]
+        if stage and stage[0].info.status == "FAILED":
+            break
+        time.sleep(0.2)
+    assert stage and stage[0].info.status == "FAILED" and stage[0].data.metrics == {"loss": 1.5}
+
+
+def test_the_service_name_follows_the_writer_code(tmp_path):
+    """An edited writer gets a service of its own: a running one never serves stale code."""
+    copy = tmp_path / "src"
+    shutil.copytree(Path(tracking.__file__).resolve().parents[1] / "cvfp", copy / "cvfp",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    ask = [sys.executable, "-c", "from cvfp.tracking import service_name; print(service_name())"]
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+    before = subprocess.run(ask, env=env, capture_output=True, text=True, check=True).stdout
+    with open(copy / "cvfp" / "tracking_writer.py", "a") as handle:
+        handle.write("# edited\n")
+    after = subprocess.run(ask, env=env, capture_output=True, text=True, check=True).stdout
+    assert before != after and tracking.service_name() not in (before.strip(), after.strip())
+
+
+def test_the_service_runs_only_code_its_name_covers():
+    """The service's name hashes SERVICE_SOURCES: every cvfp module the service loads must be one of them."""
+    script = ("import sys\nfrom cvfp.tracking_writer import preload\npreload()\n"
+              "print(' '.join(sorted(m.__file__ for n, m in sys.modules.items() if n.split('.')[0] == 'cvfp')))")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded and {Path(path).name for path in loaded} <= set(tracking.SERVICE_SOURCES)
+
+
+def test_an_idle_service_exits(tmp_path):
+    name = f"cvfp-test-{os.getpid()}-{time.monotonic_ns()}"
+    server = subprocess.Popen([sys.executable, "-m", "cvfp.tracking_writer", "--serve", name, "--idle", "1"])
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # it listens before it imports MLflow; a connection is served once the import is done
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect("\0" + name)
+                break
+            except ConnectionRefusedError:
+                sock.close()
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.05)
+        with sock, sock.makefile("rb") as reader:
+            assert reader.readline().split()[0] == service.READY
+        assert server.wait(timeout=30) == 0
+    finally:
+        server.kill()
+
+
+def test_a_bad_idle_setting_is_named_and_the_default_used(monkeypatch):
+    monkeypatch.setenv(tracking.SERVICE_IDLE_ENV, "soon")
+    with pytest.warns(UserWarning, match=f"{tracking.SERVICE_IDLE_ENV}='soon'"):
+        assert service.idle_seconds(tracking.SERVICE_IDLE_ENV, 7.5) == 7.5
+    monkeypatch.setenv(tracking.SERVICE_IDLE_ENV, "2.5")
+    assert service.idle_seconds(tracking.SERVICE_IDLE_ENV, 7.5) == 2.5

@@ -5,10 +5,11 @@ logs to `run`. Known failures (bad params, missing/corrupted/stale artifacts, ba
 the process with exit code 2 and one message naming the cause, without a traceback.
 
 Start-up order: this module and `pipeline/<stage>.py`'s top level import neither torch nor
-MLflow. `run_stage` loads the params, starts the stage's tracking writer (a second process,
-which imports MLflow and opens the store on the other core), and only then imports torch and
-calls the body, which imports the library modules it uses. The two imports overlap instead
-of adding up.
+MLflow. `run_stage` first hands the stage to the warm server (`cvfp.warm`: a process with torch
+and the library imported, which forks the stage; the same code then runs there). Where it runs,
+it loads the params, starts the stage's tracking writer (forked by the tracking service, which
+has MLflow imported: `cvfp.tracking`), and only then imports torch (already loaded, when warm)
+and calls the body, which imports the library modules it uses.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ def run_stage(name: str, body: Callable[[Params, StageRun], None], params_file: 
     script re-launches itself under torchrun; each process then joins the process group, and
     only rank 0 opens an MLflow run (the others get a run that records nothing).
     """
+    from cvfp import warm
+
+    code = warm.delegate(body)  # run where torch and the library are already imported, if we can
+    if code is not None:
+        raise SystemExit(code)
     configure_environment()
     try:
         params = load_params(params_file)

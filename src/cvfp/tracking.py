@@ -5,13 +5,23 @@ Store: `MLFLOW_TRACKING_URI` if set (any MLflow server; credentials from MLflow'
 database `mlflow.db` in the workspace root (artifacts in `mlartifacts/`), also for experiments
 DVC runs in temporary copies.
 
-How a stage logs: this module imports neither MLflow nor torch. `StageRun` starts one writer
-process (`python -m cvfp.tracking_writer`) when the stage starts; the writer imports MLflow and
-opens the store on the other core while the stage imports torch and works. Every call
-(params, metrics, curves, artifacts, dataset inputs, the execution's headline results) is one
-JSON line, sent to the writer and appended to the stage's *journal*
-(`.cvfp/journal/<execution>/<stage>.jsonl` in the workspace root). `close()` waits for the
-writer's report, so a stage still says, before it exits, what was not logged.
+How a stage logs: this module imports neither MLflow nor torch. Every call (params, metrics,
+curves, artifacts, dataset inputs, the execution's headline results) is one JSON line, appended
+to the stage's *journal* (`.cvfp/journal/<execution>/<stage>.jsonl` in the workspace root) and
+sent, from a thread, to a *writer*: a process of its own that turns lines into MLflow calls.
+`close()` waits for the writer's report, so a stage still says, before it exits, what was not
+logged.
+
+Where the writer comes from: importing MLflow and its store takes ~3 s of CPU, more than many
+stages' work. So on Linux a *tracking service* (`python -m cvfp.tracking_writer --serve`) does it
+once: the first stage starts it (detached, in its own session), it imports MLflow and then forks
+one fresh writer per stage that connects to it (a local socket, same user only), so each stage
+still gets a process of its own, with the stage's environment and working directory, and no
+store state shared between stages. The service exits after `CVFP_TRACKING_SERVICE_IDLE_S`
+seconds (default `SERVICE_IDLE_S`) without a stage; one service exists per Python, cvfp source
+and user (the socket's name hashes them, so an edited writer is never served stale). Where the
+service cannot be reached (`CVFP_TRACKING_SERVICE=0`, not Linux, it did not come up within
+`SERVICE_START_S`), the stage starts a writer process of its own, as it always could.
 
 Grouping: one pipeline execution is one *parent* run with one *child* run per stage. The parent
 is found, not passed: its key is a hash of the params file, the git commit and the DVC
@@ -31,15 +41,19 @@ import hashlib
 import json
 import math
 import os
+import queue
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
+from cvfp import service
 from cvfp.runtime import configure_environment, project_root
 
 EXPERIMENT_ENV = "CVFP_EXPERIMENT"
@@ -53,6 +67,11 @@ JOURNAL_DIR = Path(".cvfp") / "journal"
 WRITER_MODULE = "cvfp.tracking_writer"
 SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH")
 MAX_LISTED_FAILURES = 10
+SERVICE_ENV = "CVFP_TRACKING_SERVICE"  # "0": every stage starts a writer process of its own
+SERVICE_IDLE_ENV = "CVFP_TRACKING_SERVICE_IDLE_S"
+SERVICE_IDLE_S = 600.0  # the service exits after this long without a stage (a researcher's edit-and-rerun gap)
+SERVICE_START_S = 60.0  # how long a stage waits for the service to listen before starting its own writer
+SERVICE_SOURCES = ("__init__.py", "errors.py", "runtime.py", "service.py", "tracking.py", "tracking_writer.py")
 
 
 # MLflow's run page groups charts in sections (a key's part before the last "/"), sorted by name in character
@@ -125,7 +144,7 @@ class StageRun:
         commit = _git_commit(root)
         key = pipeline_key(Path(params_file), commit, exp_name)
         self._journal = self._open_journal(journal_path(root, exp_name, stage))
-        self._writer = _start_writer() if background else _InlineWriter()
+        self._writer = _ThreadWriter() if background else _InlineWriter()
         self._send({
             "op": "open", "stage": stage, "uri": redact(tracking_uri()), "root": str(root),
             "experiment": os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT), "key": key,
@@ -243,6 +262,7 @@ class _ProcessWriter:
 
     def __init__(self, process: subprocess.Popen | None, failure: str | None = None):
         self.process = process
+        self.pid = process.pid if process is not None else None
         self.lost: list[str] = [failure] if failure else []
         self.sent = 0
 
@@ -273,6 +293,94 @@ class _ProcessWriter:
                                 f"(of {self.sent} calls sent)"]
 
 
+class _ThreadWriter:
+    """Lines go to a queue; a thread hands them to the service's forked writer (or a writer process of
+    the stage's own), so neither starting the writer nor a slow store holds the stage up."""
+
+    def __init__(self):
+        self.lines: queue.SimpleQueue = queue.SimpleQueue()
+        self.failures: list[str] = []
+        self.pid: int | None = None  # the writer's process, once connected
+        self.connected = threading.Event()
+        self.thread = threading.Thread(target=self._pump, name="cvfp-tracking", daemon=True)
+        self.thread.start()
+
+    def send(self, line: str) -> None:
+        self.lines.put(line)
+
+    def finish(self) -> list[str]:
+        self.lines.put(None)
+        self.thread.join()
+        return self.failures
+
+    def _pump(self) -> None:
+        try:
+            sink = _connect_service() or _start_writer()
+            self.pid = sink.pid
+            self.connected.set()
+            while (line := self.lines.get()) is not None:
+                sink.send(line)
+            self.failures.extend(sink.finish())
+        except Exception as err:  # nothing in tracking may stop a stage
+            self.failures.append(f"everything after the writer thread failed ({type(err).__name__}: {err})")
+        finally:
+            self.connected.set()
+
+
+class _SocketWriter:
+    """A writer the tracking service forked for this stage, at the other end of a connected socket."""
+
+    def __init__(self, sock: socket.socket, reader, pid: int):
+        self.sock, self.reader, self.pid = sock, reader, pid
+        self.lost: list[str] = []
+        self.sent = 0
+
+    def send(self, line: str) -> None:
+        if self.lost:
+            return
+        try:
+            self.sock.sendall((line + "\n").encode("utf-8"))
+            self.sent += 1
+        except OSError as err:
+            self.lost.append(f"everything after call {self.sent}: the writer (pid {self.pid}) stopped reading "
+                             f"({type(err).__name__})")
+
+    def finish(self) -> list[str]:
+        try:
+            if not self.lost:
+                self.sock.shutdown(socket.SHUT_WR)
+            answer = self.reader.readline()
+        except OSError:
+            answer = b""
+        finally:
+            self.sock.close()
+        try:
+            return self.lost + list(json.loads(answer)["failures"])
+        except (ValueError, KeyError, TypeError):
+            return self.lost + [f"every call after the writer (pid {self.pid}) ended before reporting "
+                                f"(of {self.sent} calls sent)"]
+
+
+def service_name() -> str:
+    """The tracking service's socket name: it covers the Python, the cvfp code the service runs, and the user."""
+    here = Path(__file__).resolve().parent
+    return service.socket_name("tracking", [here / name for name in SERVICE_SOURCES], ("PYTHONPATH",))
+
+
+def _connect_service() -> _SocketWriter | None:
+    """A writer forked for this stage by the tracking service (started here if none is up), or None."""
+    if not service.enabled(SERVICE_ENV):
+        return None
+    name = service_name()
+    idle = service.idle_seconds(SERVICE_IDLE_ENV, SERVICE_IDLE_S)
+    connection = service.connect(name, [sys.executable, "-m", WRITER_MODULE, "--serve", name, "--idle", str(idle)],
+                                 service.child_env(), SERVICE_START_S)
+    if connection is None:
+        return None
+    connection.sock.sendall((json.dumps({"env": dict(os.environ), "cwd": os.getcwd()}) + "\n").encode("utf-8"))
+    return _SocketWriter(connection.sock, connection.reader, connection.pid)
+
+
 class _InlineWriter:
     """The same writer, in this process."""
 
@@ -289,20 +397,14 @@ class _InlineWriter:
 
 
 def _start_writer() -> _ProcessWriter:
+    """A writer process of this stage's own; it imports cvfp from where this process did (an editable install,
+    or a test's copy of src/)."""
     try:
         process = subprocess.Popen([sys.executable, "-m", WRITER_MODULE], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True, encoding="utf-8", env=_writer_env())
+                                   stdout=subprocess.PIPE, text=True, encoding="utf-8", env=service.child_env())
     except OSError as err:
         return _ProcessWriter(None, f"everything: the writer process did not start ({err})")
     return _ProcessWriter(process)
-
-
-def _writer_env() -> dict[str, str]:
-    """The writer imports cvfp from where this process did (an editable install, or a test's copy of src/)."""
-    env = dict(os.environ)
-    here = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [env.get("PYTHONPATH")])])
-    return env
 
 
 BATCHED_KINDS = ("metrics", "headline", "params")  # one failure per batch: summarised as one item per kind

@@ -1,8 +1,16 @@
 """The tracking writer: one stage's journal lines (see `cvfp.tracking`) turned into MLflow calls.
 
-Run as `python -m cvfp.tracking_writer` by `tracking.StageRun` (lines on stdin, one JSON report on
-stdout when stdin closes), and by `cvfp log-runs` to replay journals. It is the only module that
-imports MLflow.
+Run three ways:
+- `python -m cvfp.tracking_writer --serve NAME`: the tracking service. It listens on the local
+  socket NAME, imports MLflow and its stores once, and then forks one writer per stage that
+  connects (see `tracking`): the writer says `ready <pid>`, takes the stage's environment and
+  working directory from its first line, carries out the rest, and answers one JSON report when
+  the stage closes its end. Nothing of the store is opened before the fork, so each stage's writer
+  starts from a clean slate, as a process of its own would.
+- `python -m cvfp.tracking_writer`: one stage's writer on its own (lines on stdin, the report on
+  stdout), when the service cannot be used.
+- in-process, by `cvfp log-runs` to replay journals.
+It is the only module that imports MLflow.
 
 Every store call degrades to a recorded failure. After the first failure the store is taken as
 down and the remaining calls are recorded, not attempted: a dead server then costs one timeout,
@@ -11,15 +19,19 @@ not one per call, and a replay (`cvfp log-runs`) logs the stage whole instead of
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import socket
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from cvfp.tracking import (JOURNAL_TAG, KEY_TAG, LOGGED_TAG, PARENT_STAGE, STAGE_TAG, journal_path, now_ms,
-                           redact, tracking_uri)
+from cvfp import service
+from cvfp.tracking import (JOURNAL_TAG, KEY_TAG, LOGGED_TAG, PARENT_STAGE, STAGE_TAG, journal_path, now_ms, redact,
+                           tracking_uri)
 
 LOCK_WAIT_S = 120.0  # how long one store call waits out "database is locked" before giving up
 SQLITE_TIMEOUT_S = 5.0
@@ -289,10 +301,59 @@ def feed(writer: Writer, lines, source: str) -> None:
         writer.handle(message)
 
 
-def main() -> int:
+def report(writer: Writer) -> str:
+    return json.dumps({"failures": writer.finish(), "run_id": writer.run_id}) + "\n"
+
+
+def preload() -> None:
+    """Import what a writer uses (MLflow's client, entities, the sqlite and REST stores and their artifact
+    repositories), without opening any store: forked writers start with it loaded."""
+    import getpass  # noqa: F401
+    import sqlite3  # noqa: F401
+
+    import mlflow.store.artifact.local_artifact_repo  # noqa: F401
+    import mlflow.store.artifact.mlflow_artifacts_repo  # noqa: F401
+    import mlflow.store.tracking.rest_store  # noqa: F401
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param  # noqa: F401
+    from mlflow.tracking import MlflowClient  # noqa: F401
+
+
+def _session(conn: socket.socket) -> int:
+    """One stage's writer, in a process the service forked: the stage's environment and folder, then its lines."""
+    try:
+        lines = conn.makefile("r", encoding="utf-8")
+        header = lines.readline()
+        if not header:
+            return 0  # the stage went away before saying anything
+        context = json.loads(header)
+        os.environ.clear()
+        os.environ.update(context["env"])
+        os.chdir(context["cwd"])
+        writer = Writer()
+        feed(writer, lines, "the stage's socket")
+        conn.sendall(report(writer).encode("utf-8"))
+        return 0
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cvfp.tracking_writer")
+    parser.add_argument("--serve", metavar="NAME", help="run the tracking service on the local socket NAME")
+    parser.add_argument("--idle", type=float, default=None, help="seconds without a stage before the service exits")
+    args = parser.parse_args(argv)
+    if args.serve:
+        if args.idle is None or not args.idle > 0:
+            parser.error(f"--idle must be a positive number of seconds, got {args.idle}")
+        conn = service.serve(args.serve, args.idle, preload)
+        if conn is None:
+            return 0  # the service ends: idle, or another one holds the name
+        os._exit(_session(conn))  # a forked writer: nothing of the service's to clean up
     writer = Writer()
     feed(writer, sys.stdin, "the stage's pipe")
-    sys.stdout.write(json.dumps({"failures": writer.finish(), "run_id": writer.run_id}) + "\n")
+    sys.stdout.write(report(writer))
     sys.stdout.flush()
     return 0
 
