@@ -127,6 +127,46 @@ def run_queued(root, env, values, param="phase2.lr", jobs=2, timeout=600):
             if not any(word in status for word in ("Running", "Queued")):
                 return status
             assert time.monotonic() < deadline, status
-            time.sleep(3)
+            time.sleep(1)
     finally:
         subprocess.run(["dvc", "queue", "stop"], cwd=root, env=env, capture_output=True, timeout=120)
+
+
+def artifact_files(client, run_id, folder=None):
+    files = []
+    for entry in client.list_artifacts(run_id, folder):
+        files += artifact_files(client, run_id, entry.path) if entry.is_dir else [entry.path]
+    return sorted(files)
+
+
+def stored(client, run):
+    """What the store holds of one run: its status, param names, artifact files and the points of each metric."""
+    return {"status": run.info.status, "params": sorted(run.data.params),
+            "artifacts": artifact_files(client, run.info.run_id),
+            "metrics": {key: len(client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics}}
+
+
+def assert_experiments_logged_like_the_workspace(client, found, names, stages):
+    """Each experiment's run of each stage holds what the same stage logged when it ran alone (the workspace's
+    `dvc repro`): every param, artifact and metric, each metric with as many points, and is finished; the two
+    experiments agree. A write lost to "database is locked" (or to a server) would leave a hole. Returns what each
+    experiment run holds (`stored`), for totals."""
+    runs = {(r.data.tags["dvc.exp_name"], r.data.tags["cvfp.stage"]): r for r in reversed(found)}  # newest wins
+
+    def without_timing_files(logged):
+        # compare's training_seconds.* come from metrics/timing/, git-ignored and so absent from the
+        # temporary copies the experiments run in (the two experiments must still agree on them)
+        return {**logged, "metrics": {k: v for k, v in logged["metrics"].items() if not k.startswith("training_seconds.")}}
+
+    logged_runs = []
+    for stage in stages:
+        alone = stored(client, runs["workspace", stage])
+        assert alone["status"] == "FINISHED" and alone["params"], stage
+        assert stage == "pipeline" or (alone["metrics"] and alone["artifacts"]), stage
+        first, second = (stored(client, runs[name, stage]) for name in names)
+        assert first == second, stage
+        assert without_timing_files(first) == without_timing_files(alone), stage
+        logged_runs += [first, second]
+    # the per-epoch curves are part of what is compared
+    assert max(stored(client, runs["workspace", "phase2"])["metrics"].values()) > TINY_PARAMS["phase2.epochs"]
+    return logged_runs

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from conftest import write_params
-from helpers import TINY_PARAMS, run_queued, sh
+from helpers import TINY_PARAMS, assert_experiments_logged_like_the_workspace, run_queued, sh
 from mlflow.tracking import MlflowClient
 
 STAGES = ["tokenizer", "cache", "carve", "phase1", "cstar", "phase2", "evaluate", "baselines", "compare"]
@@ -143,13 +143,6 @@ def test_report_prints_the_results_table(project):
     assert f"/{read(root, 'data.json')['train_tokens']})" in out
 
 
-def stored(client, run):
-    """What the store holds of one run: its status, param names, artifacts and the points of each metric."""
-    return {"status": run.info.status, "params": sorted(run.data.params),
-            "artifacts": sorted(a.path for a in client.list_artifacts(run.info.run_id)),
-            "metrics": {key: len(client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics}}
-
-
 @pytest.mark.slow
 def test_queued_experiments_land_in_the_workspace_store(project):
     """`dvc exp run --queue` runs in temporary copies; both must log to the workspace's sqlite store."""
@@ -170,23 +163,4 @@ def test_queued_experiments_land_in_the_workspace_store(project):
         evaluate = next(r for r in found if r.data.tags["dvc.exp_name"] == name and r.data.tags["cvfp.stage"] == "evaluate")
         assert "test.fixed.bpb" in evaluate.data.metrics and "test.free.bpb" in evaluate.data.metrics
 
-    # Every write of both experiments landed: each run holds what the same stage logged when it ran alone
-    # (the workspace's `dvc repro`) -- every param, artifact and metric, each metric with as many points --
-    # and is finished. A write lost to "database is locked" would leave a hole in one of them.
-    runs = {(r.data.tags["dvc.exp_name"], r.data.tags["cvfp.stage"]): r for r in reversed(found)}  # newest wins
-
-    def without_timing_files(logged):
-        # compare's training_seconds.* come from metrics/timing/, git-ignored and so absent from the
-        # temporary copies the experiments run in (the two experiments must still agree on them)
-        metrics = {k: v for k, v in logged["metrics"].items() if not k.startswith("training_seconds.")}
-        return {**logged, "metrics": metrics}
-
-    for stage in stages:
-        alone = stored(client, runs["workspace", stage])
-        assert alone["status"] == "FINISHED" and alone["params"], stage
-        assert stage == "pipeline" or (alone["metrics"] and alone["artifacts"]), stage
-        first, second = (stored(client, runs[name, stage]) for name in names)
-        assert first == second, stage
-        assert without_timing_files(first) == without_timing_files(alone), stage
-    # the per-epoch curves are part of what is compared
-    assert max(stored(client, runs["workspace", "phase2"])["metrics"].values()) > TINY_PARAMS["phase2.epochs"]
+    assert_experiments_logged_like_the_workspace(client, found, names, stages)

@@ -21,7 +21,8 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import write_params
-from helpers import TINY_PARAMS, make_project, run_queued, sh
+from helpers import (TINY_PARAMS, artifact_files, assert_experiments_logged_like_the_workspace, make_project, run_queued,
+                     sh)
 from mlflow.tracking import MlflowClient
 from servers import (auth_server, fault_server, listening_addresses, mlflow_server, postgres,  # noqa: F401 (fixtures)
                      team_servers)
@@ -60,20 +61,6 @@ def signed_in(user):
 def all_runs(client):
     experiment = client.get_experiment_by_name(EXPERIMENT)
     return [] if experiment is None else client.search_runs([experiment.experiment_id], max_results=5000)
-
-
-def artifact_files(client, run_id, folder=None):
-    files = []
-    for entry in client.list_artifacts(run_id, folder):
-        files += artifact_files(client, run_id, entry.path) if entry.is_dir else [entry.path]
-    return sorted(files)
-
-
-def stored(client, run):
-    """What the store holds of one run: its status, param names, artifact files and the points of each metric."""
-    return {"status": run.info.status, "params": sorted(run.data.params),
-            "artifacts": artifact_files(client, run.info.run_id),
-            "metrics": {key: len(client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics}}
 
 
 def read_table(path):
@@ -222,29 +209,10 @@ def test_queued_experiments_land_on_the_server(team_project, mlflow_server):
            for name in names}
     assert sorted(map(tuple, lrs.values())) == [("0.0003",), ("0.01",)], lrs
 
-    # each experiment's run of a stage holds what the same stage logged when it ran alone (the workspace's
-    # `dvc repro`): every param, artifact and metric, each metric with as many points, and is finished
-    runs = {(r.data.tags["dvc.exp_name"], r.data.tags["cvfp.stage"]): r for r in reversed(found)}  # newest wins
-
-    def without_timing_files(logged):
-        # compare's training_seconds.* come from metrics/timing/, git-ignored and so absent from the
-        # temporary copies the experiments run in (the two experiments must still agree on them)
-        return {**logged, "metrics": {k: v for k, v in logged["metrics"].items() if not k.startswith("training_seconds.")}}
-
-    totals = {"runs": 0, "params": 0, "metric points": 0, "artifacts": 0}
-    for stage in stages:
-        alone = stored(client, runs["workspace", stage])
-        assert alone["status"] == "FINISHED" and alone["params"], stage
-        assert stage == "pipeline" or (alone["metrics"] and alone["artifacts"]), stage
-        first, second = (stored(client, runs[name, stage]) for name in names)
-        assert first == second, stage
-        assert without_timing_files(first) == without_timing_files(alone), stage
-        for logged in (first, second):
-            totals["runs"] += 1
-            totals["params"] += len(logged["params"])
-            totals["metric points"] += sum(logged["metrics"].values())
-            totals["artifacts"] += len(logged["artifacts"])
-    assert max(stored(client, runs["workspace", "phase2"])["metrics"].values()) > TINY_PARAMS["phase2.epochs"]
+    logged_runs = assert_experiments_logged_like_the_workspace(client, found, names, stages)
+    totals = {"runs": len(logged_runs), "params": sum(len(logged["params"]) for logged in logged_runs),
+              "metric points": sum(sum(logged["metrics"].values()) for logged in logged_runs),
+              "artifacts": sum(len(logged["artifacts"]) for logged in logged_runs)}
     print(f"\n[team] 2 queued experiments on {mlflow_server.url} in {time.monotonic() - start:.0f}s: "
           + ", ".join(f"{value} {name}" for name, value in totals.items())
           + " landed, each equal to the workspace run of the same stage")

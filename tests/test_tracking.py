@@ -207,6 +207,21 @@ def test_an_incomplete_run_is_replaced_whole_by_the_replay(workspace):
     assert client.get_run(child.info.run_id).info.lifecycle_stage == "deleted"
 
 
+def test_a_replay_does_not_log_the_headline_a_second_time(workspace):
+    """compare's run was left incomplete after its headline reached the parent: the replay adds no second point
+    (it logs the journal's own timestamps, so the store sees the same point again, not a new one)."""
+    from cvfp.tracking_writer import journals, replay
+
+    with tracking.StageRun("compare", Params().flat(), background=False) as run:
+        run.log_headline({"test_bpb": {"gru": 2.5}})
+    client, found = runs(workspace)
+    child = next(r for r in found if r.data.tags[tracking.STAGE_TAG] == "compare")
+    parent = next(r for r in found if r.data.tags[tracking.STAGE_TAG] == "pipeline")
+    client.set_tag(child.info.run_id, tracking.LOGGED_TAG, "incomplete")
+    assert replay(journals(workspace)[0], tracking.tracking_uri()) == ("logged", [])
+    assert [m.value for m in client.get_metric_history(parent.info.run_id, "test_bpb.gru")] == [2.5]
+
+
 def test_credentials_never_reach_the_warning(workspace, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret-pw@127.0.0.1:9")  # nothing listens on port 9
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "other-secret")

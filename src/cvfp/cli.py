@@ -87,11 +87,12 @@ def report(folder: Path, params_file: Path) -> int:
     return 0
 
 
-def log_runs(root: Path) -> int:
+def log_runs(root: Path | None) -> int:
     """Log every stage journal under `root` to the current tracking store, skipping stages already complete there.
 
-    One line per stage journal. Exit 0 when every journal is there afterwards, 1 otherwise (the store is still
-    failing: the reason is printed), 2 when there is nothing to log.
+    `root` is the workspace (None: the project around the current folder). One line per stage journal. Exit 0
+    when every journal is there afterwards, 1 otherwise (the store is still failing: the reason is printed), 2
+    when there is nothing to log.
     """
     from cvfp.runtime import configure_environment, project_root
     from cvfp.tracking import redact, tracking_uri
