@@ -127,22 +127,9 @@ COLD = {"CVFP_WARM_START": "0", "CVFP_TRACKING_SERVICE": "0"}  # how a stage sta
 def stop_servers() -> int:
     """Stop every running warm server and tracking service of this user (what a code change or 10 idle
     minutes amounts to): the next stage starts them again. Returns how many were stopped."""
-    stopped = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().split(b"\0")
-            if entry.stat().st_uid != os.getuid():
-                continue
-        except OSError:
-            continue
-        if b"--serve" in command and (b"cvfp.warm" in command or b"cvfp.tracking_writer" in command):
-            try:
-                os.kill(int(entry.name), 15)
-                stopped += 1
-            except OSError:
-                pass
+    from cvfp import service
+
+    stopped = service.stop(pid for pid, _, _ in service.servers())
     time.sleep(0.5)
     return stopped
 

@@ -80,3 +80,17 @@ def project(tmp_path_factory):
     helpers.sh(["git", "add", "-A"], root, env)
     helpers.sh(["git", "commit", "-qm", "repro"], root, env)  # dvc exp needs the baseline committed
     return root, env, log
+
+
+def pytest_sessionstart(session):
+    from cvfp import service
+
+    session.config.cvfp_servers_before = {pid for pid, _, _ in service.servers()}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the warm stage servers and tracking services this session's stages started: a test run leaves none."""
+    from cvfp import service
+
+    before = getattr(session.config, "cvfp_servers_before", set())
+    service.stop(pid for pid, _, _ in service.servers() if pid not in before)

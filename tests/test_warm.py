@@ -184,3 +184,15 @@ def test_a_stage_run_by_a_driver_script_runs_in_the_driver(probe, tmp_path):
     reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(reports) == 2 and "driver done" in done.stdout
     assert all("cvfp.warm" not in report["parent"] for report in reports)
+
+
+def test_cvfp_servers_lists_the_warm_server_and_stops_it(probe):
+    assert probe("report").returncode == 0  # a warm stage: its server is up
+    listed = subprocess.run(["cvfp", "servers"], capture_output=True, text=True, check=True).stdout
+    name = warm.server_name()
+    line = next(row for row in listed.splitlines() if name in row)
+    server = int(line.split()[0])
+    assert "warm stage server" in line and "--serve" in Path(f"/proc/{server}/cmdline").read_text()
+    stopped = subprocess.run(["cvfp", "servers", "--stop"], capture_output=True, text=True, check=True).stdout
+    assert "stopped" in stopped and _gone(server)
+    assert probe("report").returncode == 0  # the next stage starts a new one

@@ -154,6 +154,21 @@ def ui(host: str, port: int, url_only: bool) -> int:
     os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", store, "--host", host, "--port", str(port)])
 
 
+def servers(stop: bool) -> int:
+    """List this user's warm stage servers and tracking services; with `stop`, stop them (the next stage starts
+    what it needs again)."""
+    from cvfp import service
+
+    running = service.servers()
+    for pid, kind, name in running:
+        print(f"{pid:>8}  {kind:<18} {name}  log: {service.log_path(name)}")
+    if not running:
+        print("no cvfp server is running")
+    if stop and running:
+        print(f"stopped {service.stop(pid for pid, _, _ in running)}/{len(running)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     from cvfp import generate, study  # light: their heavy imports happen inside their commands
 
@@ -173,7 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     view.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: not on the network)")
     view.add_argument("--port", type=int, default=5000)
     view.add_argument("--url-only", action="store_true", help="print the link, start nothing")
+    running = commands.add_parser("servers", help="list the warm stage servers and tracking services (cvfp.warm, "
+                                                  "cvfp.tracking_writer) of this user")
+    running.add_argument("--stop", action="store_true", help="stop them (stages they started go on)")
     args = parser.parse_args(argv)
+    if args.command == "servers":
+        raise SystemExit(servers(args.stop))
     if args.command == "ui":
         raise SystemExit(ui(args.host, args.port, args.url_only))
     if args.command == "report":

@@ -168,6 +168,40 @@ def serve(name: str, idle_s: float, preload: Callable[[], None]) -> socket.socke
         conn.close()
 
 
+SERVER_MODULES = {"cvfp.warm": "warm stage server", "cvfp.tracking_writer": "tracking service"}
+
+
+def servers() -> list[tuple[int, str, str]]:
+    """This user's running servers: (pid, what it is, its socket name), read from /proc."""
+    found = []
+    for entry in sorted(Path("/proc").iterdir(), key=lambda path: path.name):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            command = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "--serve" in command and command.index("--serve") + 1 < len(command):
+            module = next((word for word in command if word in SERVER_MODULES), None)
+            if module is not None:
+                found.append((int(entry.name), SERVER_MODULES[module], command[command.index("--serve") + 1]))
+    return found
+
+
+def stop(pids: Iterable[int]) -> int:
+    """SIGTERM each server in `pids`; stages it forked go on (they are processes of their own). How many stopped."""
+    stopped = 0
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            stopped += 1
+        except OSError:
+            pass
+    return stopped
+
+
 def child_env() -> dict[str, str]:
     """A server's environment: this process's, with cvfp importable from where this process imported it."""
     env = dict(os.environ)
