@@ -4,6 +4,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -170,3 +171,20 @@ def assert_experiments_logged_like_the_workspace(client, found, names, stages):
     # the per-epoch curves are part of what is compared
     assert max(stored(client, runs["workspace", "phase2"])["metrics"].values()) > TINY_PARAMS["phase2.epochs"]
     return logged_runs
+
+
+def socket_names_around_an_edit(tmp_path, function, edited, more_env=None):
+    """A server's socket name (`function`, e.g. "cvfp.warm.server_name") computed on a copy of src/cvfp before and
+    after a comment is appended to `edited` (a file of the package); with `more_env`, a third name: after the edit,
+    under that extra environment."""
+    copy = Path(tmp_path) / "src"
+    shutil.copytree(REPO / "src" / "cvfp", copy / "cvfp", ignore=shutil.ignore_patterns("__pycache__"))
+    module, name = function.rsplit(".", 1)
+    ask = [sys.executable, "-c", f"from {module} import {name}; print({name}())"]
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+    names = [subprocess.run(ask, env=env, capture_output=True, text=True, check=True).stdout.strip()]
+    with open(copy / "cvfp" / edited, "a") as handle:
+        handle.write("# edited\n")
+    for extra in ({}, *([more_env] if more_env else [])):
+        names.append(subprocess.run(ask, env={**env, **extra}, capture_output=True, text=True, check=True).stdout.strip())
+    return names

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import socket_names_around_an_edit
 from mlflow.tracking import MlflowClient
 
 from cvfp import service, tracking
@@ -321,16 +322,8 @@ def test_a_stage_killed_mid_run_leaves_a_failed_run(workspace):
 
 def test_the_service_name_follows_the_writer_code(tmp_path):
     """An edited writer gets a service of its own: a running one never serves stale code."""
-    copy = tmp_path / "src"
-    shutil.copytree(Path(tracking.__file__).resolve().parents[1] / "cvfp", copy / "cvfp",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    ask = [sys.executable, "-c", "from cvfp.tracking import service_name; print(service_name())"]
-    env = {**os.environ, "PYTHONPATH": str(copy)}
-    before = subprocess.run(ask, env=env, capture_output=True, text=True, check=True).stdout
-    with open(copy / "cvfp" / "tracking_writer.py", "a") as handle:
-        handle.write("# edited\n")
-    after = subprocess.run(ask, env=env, capture_output=True, text=True, check=True).stdout
-    assert before != after and tracking.service_name() not in (before.strip(), after.strip())
+    before, after = socket_names_around_an_edit(tmp_path, "cvfp.tracking.service_name", "tracking_writer.py")
+    assert before != after and tracking.service_name() not in (before, after)
 
 
 def test_the_service_runs_only_code_its_name_covers():

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import socket_names_around_an_edit
 
 from cvfp import warm
 
@@ -150,17 +151,8 @@ def test_a_killed_stage_process_takes_its_child_along(probe, tmp_path):
 
 
 def test_an_edited_library_gets_a_server_of_its_own(tmp_path):
-    copy = tmp_path / "src"
-    shutil.copytree(REPO / "src" / "cvfp", copy / "cvfp", ignore=shutil.ignore_patterns("__pycache__"))
-    ask = [sys.executable, "-c", "from cvfp.warm import server_name; print(server_name())"]
-    env = {**os.environ, "PYTHONPATH": str(copy)}
-    before = subprocess.run(ask, env=env, capture_output=True, text=True, check=True).stdout
-    with open(copy / "cvfp" / "phase1.py", "a") as handle:
-        handle.write("# edited\n")
-    after = subprocess.run(ask, env=env, capture_output=True, text=True, check=True).stdout
-    changed_env = subprocess.run(ask, env={**env, "OMP_NUM_THREADS": "7"}, capture_output=True, text=True,
-                                 check=True).stdout
-    assert len({before, after, changed_env}) == 3
+    names = socket_names_around_an_edit(tmp_path, "cvfp.warm.server_name", "phase1.py", {"OMP_NUM_THREADS": "7"})
+    assert len(set(names)) == 3  # before, after the edit, and after it under another import-time environment
 
 
 def test_the_server_imports_and_runs_nothing():
