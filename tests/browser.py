@@ -226,12 +226,23 @@ class Browser:
             self._playwright.stop()
 
 
+SETTLE_S = 2.0  # a view counts once it has stayed this long: the UI may show one view, then switch to the URL's
+
+
 def landing_view(browser: Browser, page) -> str:
-    """Which view the experiment page shows: 'runs' (training runs table) or 'genai-overview'."""
+    """Which view the experiment page settles on: 'runs' (training runs table) or 'genai-overview'."""
     browser.wait(page, f"{RUNS_VIEW}, {GENAI_OVERVIEW}", "the experiment page (runs table or GenAI overview)")
-    if page.locator(RUNS_VIEW).count():
-        return "runs"
-    return "genai-overview"
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    seen, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        view = ("runs" if page.locator(RUNS_VIEW).count() else
+                "genai-overview" if page.locator(GENAI_OVERVIEW).count() else None)
+        if view != seen:
+            seen, since = view, time.monotonic()
+        elif view is not None and time.monotonic() - since >= SETTLE_S:
+            return view
+        page.wait_for_timeout(100)
+    return seen or "neither"
 
 
 def row(page, run_id: str, part: str = "left"):

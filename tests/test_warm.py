@@ -33,6 +33,7 @@ def body(params, run):
     if mode == "report":
         print(json.dumps({"pid": os.getpid(), "parent": parent, "argv": sys.argv, "cwd": os.getcwd(),
                           "probe": os.environ.get("PROBE"), "torch_before_body": "torch" in sys.modules,
+                          "umask": os.umask(0o022),
                           "seed": params.seed}))
         print("to stderr", file=sys.stderr)
     elif mode == "known-error":
@@ -62,9 +63,10 @@ def probe(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "CVFP_WARM"))}
     env.update(DVC_ROOT=str(tmp_path), CVFP_NO_PROGRESS="1")
 
-    def run(*args, cold=False, **extra):
+    def run(*args, cold=False, umask=0o022, **extra):
         return subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=300, env={**env, **extra, **({warm.WARM_ENV: "0"} if cold else {})})
+                              timeout=300, env={**env, **extra, **({warm.WARM_ENV: "0"} if cold else {})},
+                              preexec_fn=lambda: os.umask(umask))
 
     run.env, run.script = env, script
     return run
@@ -81,8 +83,9 @@ def test_a_stage_runs_in_a_child_of_the_warm_server_with_its_argv_env_folder_and
     cold = probe("report", "x", PROBE="seen", cold=True)
     cold_report = json.loads(cold.stdout.splitlines()[-1])
     assert "cvfp.warm" not in cold_report["parent"] and cold_report["seed"] == report["seed"]
-    again = json.loads(probe("report", "y").stdout.splitlines()[-1])
+    again = json.loads(probe("report", "y", umask=0o002).stdout.splitlines()[-1])
     assert again["parent"] == report["parent"] and again["pid"] != report["pid"]  # one server, a child per stage
+    assert (report["umask"], again["umask"]) == (0o022, 0o002)  # the stage process's, not the server's
 
 
 @pytest.mark.parametrize("mode, args, code, message", [

@@ -7,8 +7,8 @@ runs) hands itself to a *warm server* (`python -m cvfp.warm --serve NAME`, a for
 `cvfp.service`) that has imported all of that and nothing else. The server forks a child that:
 
 - takes the stage process's stdin, stdout and stderr (passed over the socket, so DVC, a terminal
-  or a test's pipes see its output as the stage's own), its environment, working directory and
-  argv;
+  or a test's pipes see its output as the stage's own), its environment, working directory, umask
+  and argv (not its resource limits or `-W`/`-X` interpreter options: the server's apply);
 - runs `pipeline/<stage>.py` as `__main__`, exactly as Python would have;
 - reports its exit code, which the stage process exits with.
 
@@ -97,7 +97,9 @@ def delegate(body: Callable) -> int | None:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     socket.send_fds(sock, [b"\0"], passed)
-    job = {"fds": passed, "argv": sys.argv, "env": dict(os.environ), "cwd": os.getcwd()}
+    umask = os.umask(0o022)
+    os.umask(umask)  # read, not changed: the child creates files as this process would
+    job = {"fds": passed, "argv": sys.argv, "env": dict(os.environ), "cwd": os.getcwd(), "umask": umask}
     sock.sendall((json.dumps(job) + "\n").encode("utf-8"))
     forwarded: list[int] = []
 
@@ -166,6 +168,7 @@ def run_child(conn: socket.socket) -> None:
         os.environ.clear()
         os.environ.update(job["env"])
         os.chdir(job["cwd"])
+        os.umask(job["umask"])
         sys.argv = list(job["argv"])
         sys.path[0] = str(Path(sys.argv[0]).resolve().parent)  # as `python <script>` sets it
         signal.signal(signal.SIGINT, signal.default_int_handler)
