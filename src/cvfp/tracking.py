@@ -162,9 +162,12 @@ class StageRun:
             self._send({"op": "metrics", "rows": rows, "step": step or 0, "ms": now_ms()})
 
     def log_curves(self, rows: Iterable[dict[str, Any]], step_key: str) -> None:
-        """Log a per-iteration / per-epoch table as step metrics (one MLflow curve per column)."""
-        for row in rows:
-            self.log_metrics({k: v for k, v in row.items() if k != step_key}, step=int(row[step_key]))
+        """Log a per-iteration / per-epoch table as step metrics (one MLflow curve per column), in one call: the
+        writer sends it in as few store requests as MLflow's batch limit allows, not one per row."""
+        points = [[name, value, int(row[step_key])] for row in rows
+                  for name, value in numeric_leaves({k: v for k, v in row.items() if k != step_key})]
+        if points:
+            self._send({"op": "curves", "rows": points, "ms": now_ms()})
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         path = Path(path)
@@ -407,7 +410,7 @@ def _start_writer() -> _ProcessWriter:
     return _ProcessWriter(process)
 
 
-BATCHED_KINDS = ("metrics", "headline", "params")  # one failure per batch: summarised as one item per kind
+BATCHED_KINDS = ("metrics", "curves", "headline", "params")  # one failure per batch: summarised as one item per kind
 
 
 def summarize(failures: list[str]) -> str:

@@ -51,7 +51,7 @@ def _user() -> str:
 
 
 class Writer:
-    """Carries out one stage's journal: open, metrics, artifact, dataset, headline, close."""
+    """Carries out one stage's journal: open, metrics, curves, artifact, dataset, headline, close."""
 
     def __init__(self, uri: str | None = None, replay: bool = False):
         """`uri`: the store (default: this process's `tracking.tracking_uri()`, which the stage shares)."""
@@ -193,16 +193,20 @@ class Writer:
         if run_id is None:
             self.failures.append(f"{what} {rows[0][0]}.. ({self.down or 'no run to log to'})")
             return
-        metrics = [Metric(name, float(value), ms, step) for name, value in rows]
+        # a row is [name, value] (at `step`) or [name, value, step] (a curve's point)
+        metrics = [Metric(row[0], float(row[1]), ms, int(row[2]) if len(row) > 2 else step) for row in rows]
         for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
             chunk = metrics[start:start + MAX_METRICS_PER_BATCH]
-            label = f"{what} {chunk[0].key}.." + (f" step {step}" if step else "")
+            label = f"{what} {chunk[0].key}.." + (f" step {chunk[0].step}" if chunk[0].step else "")
             self._call(label, lambda chunk=chunk: self.client.log_batch(run_id, metrics=chunk))
 
     # -- journal entries ---------------------------------------------------------------------------------------
 
     def _metrics(self, message: dict[str, Any]) -> None:
         self._log_rows(self.run_id, message["rows"], message["step"], message["ms"], "metrics")
+
+    def _curves(self, message: dict[str, Any]) -> None:
+        self._log_rows(self.run_id, message["rows"], 0, message["ms"], "curves")
 
     def _headline(self, message: dict[str, Any]) -> None:
         self._log_rows(self.parent_id, message["rows"], 0, message["ms"], "headline")
