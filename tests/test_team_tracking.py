@@ -361,7 +361,9 @@ def killed_mid_stage(team_project, fault_server, tmp_path_factory):
     copy_project(team_project.root, root)
     write_params(root / "params.yaml", {**TINY_PARAMS, "phase1.max_iterations": FAULT_ITERATIONS,
                                         "phase1.min_converged_ratio": 1.0})  # no early stop: every iteration runs
-    env = {**team_project.env, "MLFLOW_TRACKING_URI": fault_server.url, "DVC_ROOT": str(root)}
+    # started cold: SIGSTOP freezes the process it is sent to, and a warm stage's work runs in a child of the warm
+    # server (cvfp.warm), which SIGSTOP (it cannot be caught, so not forwarded) would not reach
+    env = {**team_project.env, "MLFLOW_TRACKING_URI": fault_server.url, "DVC_ROOT": str(root), "CVFP_WARM_START": "0"}
     client = MlflowClient(tracking_uri=fault_server.url)
     log_path = root.parent / "phase1.log"
     start = time.monotonic()
