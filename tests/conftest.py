@@ -68,10 +68,13 @@ def write_params(path, overrides):
 
 
 @pytest.fixture(scope="session")
-def project(tmp_path_factory):
-    """A fresh git + DVC project holding this repo's pipeline (helpers.TINY_PARAMS), after one `dvc repro` and a commit.
+def reproduced(tmp_path_factory):
+    """One tiny run (helpers.TINY_PARAMS, about half a minute): a fresh git + DVC project holding this repo's
+    pipeline, after `dvc repro` and a commit. `root` is shared by the end-to-end modules (test_pipeline, the MLflow
+    UI test), which run in it; `pristine` is a copy taken at once (helpers.copy_project: git and DVC state, no
+    tracking state) that nothing runs in, for modules that need a reproduced project of their own (copy it)."""
+    from types import SimpleNamespace
 
-    Shared by the end-to-end modules (test_pipeline, the MLflow UI test): one tiny run costs about a minute."""
     import helpers  # helpers imports write_params from this module
 
     root = tmp_path_factory.mktemp("project")
@@ -79,7 +82,15 @@ def project(tmp_path_factory):
     log = helpers.sh(["dvc", "repro"], root, env)
     helpers.sh(["git", "add", "-A"], root, env)
     helpers.sh(["git", "commit", "-qm", "repro"], root, env)  # dvc exp needs the baseline committed
-    return root, env, log
+    pristine = tmp_path_factory.mktemp("pristine") / "project"
+    helpers.copy_project(root, pristine)
+    return SimpleNamespace(root=root, env=env, log=log, pristine=pristine)
+
+
+@pytest.fixture(scope="session")
+def project(reproduced):
+    """(root, env, `dvc repro`'s output) of the shared tiny run (`reproduced`)."""
+    return reproduced.root, reproduced.env, reproduced.log
 
 
 def pytest_sessionstart(session):

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -88,6 +89,28 @@ def sh(args, cwd, env):
     return done.stdout
 
 
+def project_env() -> dict[str, str]:
+    """The environment a test project's commands run in: no MLFLOW_/DVC_ settings of the caller, one thread, a git
+    identity."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    # one thread per stage: queued experiments run two stages at once, and two 2-thread torch processes on
+    # 2 cores spin-wait each other ~50x slower (tiny tensors gain nothing from a second thread anyway)
+    env.update(OMP_NUM_THREADS="1", CVFP_NO_PROGRESS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    return env
+
+
+def copy_project(source: Path, target: Path) -> None:
+    """The project's files, git and DVC state (its cache and run cache), without its tracking state (journals,
+    stores) or DVC's tmp/."""
+    def ignore(folder, names):
+        here = Path(folder)
+        skip = {".cvfp", "mlflow.db", "mlartifacts"} if here == source else set()
+        return (skip | ({"tmp"} if here == source / ".dvc" else set())) & set(names)
+
+    shutil.copytree(source, target, symlinks=True, ignore=ignore)
+
+
 def make_project(root, overrides):
     """Copy this repo's pipeline into `root` as a fresh, committed git + DVC project with params.yaml =
     the repo's plus `overrides`; returns the environment to run its stages in."""
@@ -99,11 +122,7 @@ def make_project(root, overrides):
         else:
             shutil.copy(source, target)
     write_params(root / "params.yaml", overrides)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    # one thread per stage: queued experiments run two stages at once, and two 2-thread torch processes on
-    # 2 cores spin-wait each other ~50x slower (tiny tensors gain nothing from a second thread anyway)
-    env.update(OMP_NUM_THREADS="1", CVFP_NO_PROGRESS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env = project_env()
     sh(["git", "init", "-q"], root, env)
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "init"], root, env)
@@ -140,18 +159,39 @@ def artifact_files(client, run_id, folder=None):
     return sorted(files)
 
 
-def stored(client, run):
-    """What the store holds of one run: its status, param names, artifact files and the points of each metric."""
+POINTS_SQL = "select run_uuid, key, count(*) from metrics group by run_uuid, key"  # MLflow's SQL schema
+
+
+def metric_points(rows) -> dict[str, dict[str, int]]:
+    """{run id: {metric: number of points}} from the rows of POINTS_SQL, run on the store's database (sqlite or
+    PostgreSQL): one query instead of a `get_metric_history` request per metric of every run."""
+    points: dict[str, dict[str, int]] = {}
+    for run_id, key, count in rows:
+        points.setdefault(run_id, {})[key] = count
+    return points
+
+
+def sqlite_metric_points(path) -> dict[str, dict[str, int]]:
+    import sqlite3
+
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+        return metric_points(connection.execute(POINTS_SQL).fetchall())
+
+
+def stored(client, run, points):
+    """What the store holds of one run: its status, param names, artifact files and the points of each metric
+    (`points`: metric_points of the store); every metric the run reports has its points in the database."""
+    counts = points.get(run.info.run_id, {})
+    assert set(run.data.metrics) == set(counts), (run.info.run_id, sorted(run.data.metrics), sorted(counts))
     return {"status": run.info.status, "params": sorted(run.data.params),
-            "artifacts": artifact_files(client, run.info.run_id),
-            "metrics": {key: len(client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics}}
+            "artifacts": artifact_files(client, run.info.run_id), "metrics": counts}
 
 
-def assert_experiments_logged_like_the_workspace(client, found, names, stages):
+def assert_experiments_logged_like_the_workspace(client, found, names, stages, points):
     """Each experiment's run of each stage holds what the same stage logged when it ran alone (the workspace's
     `dvc repro`): every param, artifact and metric, each metric with as many points, and is finished; the two
-    experiments agree. A write lost to "database is locked" (or to a server) would leave a hole. Returns what each
-    experiment run holds (`stored`), for totals."""
+    experiments agree. A write lost to "database is locked" (or to a server) would leave a hole. `points`: the
+    store's metric_points, read after the runs. Returns what each experiment run holds (`stored`), for totals."""
     runs = {(r.data.tags["dvc.exp_name"], r.data.tags["cvfp.stage"]): r for r in reversed(found)}  # newest wins
 
     def without_timing_files(logged):
@@ -161,15 +201,15 @@ def assert_experiments_logged_like_the_workspace(client, found, names, stages):
 
     logged_runs = []
     for stage in stages:
-        alone = stored(client, runs["workspace", stage])
+        alone = stored(client, runs["workspace", stage], points)
         assert alone["status"] == "FINISHED" and alone["params"], stage
         assert stage == "pipeline" or (alone["metrics"] and alone["artifacts"]), stage
-        first, second = (stored(client, runs[name, stage]) for name in names)
+        first, second = (stored(client, runs[name, stage], points) for name in names)
         assert first == second, stage
         assert without_timing_files(first) == without_timing_files(alone), stage
         logged_runs += [first, second]
     # the per-epoch curves are part of what is compared
-    assert max(stored(client, runs["workspace", "phase2"])["metrics"].values()) > TINY_PARAMS["phase2.epochs"]
+    assert max(stored(client, runs["workspace", "phase2"], points)["metrics"].values()) > TINY_PARAMS["phase2.epochs"]
     return logged_runs
 
 

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 import distributed_cases
 from cvfp.distributed import SINGLE, World, sampler_batches, shard
-from helpers import TINY_PARAMS, make_project, sh
+from helpers import TINY_PARAMS, copy_project, project_env, sh
 
 HERE = Path(__file__).resolve().parent
 RTOL, ATOL = 1e-4, 1e-6
@@ -167,36 +167,35 @@ def test_the_stage_relaunches_itself_under_torchrun(tmp_path):
 
 
 @pytest.mark.slow
-def test_dvc_repro_with_two_processes_gives_the_same_metrics(tmp_path):
+def test_dvc_repro_with_two_processes_gives_the_same_metrics(tmp_path, reproduced):
     """The real stages under DVC: nproc_per_node 2 (each re-launches itself under torchrun) vs 1.
 
-    Each stage is compared on the same inputs (`dvc repro -s`): phase2 downstream of a phase1.pt
-    whose weights differ in the last float bits reads a C* from a chaotic sequential scan of it,
-    which amplified those bits to ~3e-4 relative in phase2's numbers when tried.
+    One process: a copy of conftest's reproduced tiny project. Each stage is compared on the same inputs
+    (`dvc repro -s`): phase2 downstream of a phase1.pt whose weights differ in the last float bits reads a C* from
+    a chaotic sequential scan of it, which amplified those bits to ~3e-4 relative in phase2's numbers when tried.
     """
-    env = make_project(tmp_path, TINY_PARAMS)
-    sh(["dvc", "repro", "phase2"], tmp_path, env)
+    root = tmp_path / "project"
+    copy_project(reproduced.pristine, root)  # no tracking state: the runs below are the two-process ones
+    env = project_env()
 
     def metrics(name):
-        return json.loads((tmp_path / "metrics" / f"{name}.json").read_text())
+        return json.loads((root / "metrics" / f"{name}.json").read_text())
 
     one = {name: metrics(name) for name in ("phase1", "phase2")}
     assert one["phase2"]["epochs_run"] == TINY_PARAMS["phase2.epochs"]
-    write_params(tmp_path / "params.yaml", {**TINY_PARAMS, "distributed.nproc_per_node": 2})
+    write_params(root / "params.yaml", {**TINY_PARAMS, "distributed.nproc_per_node": 2})
     two = {}
     for stage in ("phase2", "phase1"):  # phase2 first: it reads the one-process phase1.pt and C*
-        log = sh(["dvc", "repro", "-s", stage], tmp_path, env)
+        log = sh(["dvc", "repro", "-s", stage], root, env)
         assert "x 2 process(es)" in log  # the stage ran under torchrun
         two[stage] = metrics(stage)
     assert_same(two, one, "metrics")
     # rank 0 alone records to MLflow: one run per stage execution, finished, with the curves once
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("cvfp").experiment_id])
     for stage in ("phase1", "phase2"):
-        mine = [r for r in runs if r.data.tags.get("cvfp.stage") == stage]
-        assert len(mine) == 2 and all(r.info.status == "FINISHED" for r in mine), stage
-        assert mine[0].data.params["distributed.nproc_per_node"] in ("1", "2")
-    newest = max((r for r in runs if r.data.tags.get("cvfp.stage") == "phase1"), key=lambda r: r.info.start_time)
-    assert newest.data.params["distributed.nproc_per_node"] == "2"
-    assert len(client.get_metric_history(newest.info.run_id, "1_effective_rank/train")) == two["phase1"]["iterations"]
+        (mine,) = [r for r in runs if r.data.tags.get("cvfp.stage") == stage]
+        assert mine.info.status == "FINISHED" and mine.data.params["distributed.nproc_per_node"] == "2", stage
+    (phase1,) = [r for r in runs if r.data.tags.get("cvfp.stage") == "phase1"]
+    assert len(client.get_metric_history(phase1.info.run_id, "1_effective_rank/train")) == two["phase1"]["iterations"]
 

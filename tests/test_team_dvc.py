@@ -1,9 +1,9 @@
 """DVC's remote workflow for a lab, with real DVC and real git, no mocks (README "Team setup", "DVC remote").
 
-One tiny project (`helpers.TINY_PARAMS`) is reproduced once, in a first clone that gets a default DVC remote in
-a shared directory (as on a lab's shared filesystem) and a bare git repository as `origin`. Fresh clones of
-`origin` then pull, reproduce, change a param, and exchange a queued experiment through both remotes. Every
-command of the README section runs here; the counts of objects moved are printed (`pytest -s`)."""
+One tiny project (`helpers.TINY_PARAMS`), reproduced once (conftest's `reproduced`), is copied into a first clone
+that gets a default DVC remote in a shared directory (as on a lab's shared filesystem) and a bare git repository as
+`origin`. Fresh clones of `origin` then pull, reproduce, change a param, and exchange a queued experiment through
+both remotes. Every command of the README section runs here; the counts of objects moved are printed (`pytest -s`)."""
 
 import grp
 import hashlib
@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import write_params
-from helpers import TINY_PARAMS, make_project, sh
+from helpers import TINY_PARAMS, copy_project, project_env, sh
 from ruamel.yaml import YAML
 
 STAGES = ["tokenizer", "cache", "carve", "phase1", "cstar", "phase2", "evaluate", "baselines", "compare"]
@@ -112,22 +112,20 @@ class Clock:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """The first clone: `dvc repro`, commit, `dvc remote add -d` a shared directory, `git push` to a bare origin.
-    Nothing is pushed to the DVC remote yet."""
+def lab(tmp_path_factory, reproduced):
+    """The first clone: the tiny project after `dvc repro` and a commit (a copy of conftest's pristine one, with its
+    DVC cache and run cache), then `dvc remote add -d` a shared directory, `git push` to a bare origin. Nothing is
+    pushed to the DVC remote yet."""
     clock = Clock()
     base = tmp_path_factory.mktemp("team-dvc")
     first, storage, origin = base / "first", base / "shared" / "dvc-storage", base / "origin.git"
-    first.mkdir()
-    env = make_project(first, TINY_PARAMS)
+    copy_project(reproduced.pristine, first)
+    env = project_env()
+    assert status(first, env) == {}  # reproduced: every stage's outputs in the cache
     # what the lab's admin does once: a folder of the lab's group (here: ours), setgid so that new files stay in it
     sh(["mkdir", "-p", str(storage)], base, env)
     sh(["chgrp", grp.getgrgid(os.getgid()).gr_name, str(storage)], base, env)
     sh(["chmod", "2775", str(storage)], base, env)
-    log = sh(["dvc", "repro"], first, env)
-    assert sorted(ran(log)) == sorted(STAGES)
-    sh(["git", "add", "-A"], first, env)
-    sh(["git", "commit", "-qm", "repro"], first, env)
     sh(["dvc", "remote", "add", "-d", REMOTE, str(storage)], first, env)
     sh(["dvc", "remote", "modify", REMOTE, "shared", "group"], first, env)  # group-writable object folders
     sh(["git", "add", ".dvc/config"], first, env)

@@ -21,8 +21,8 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import write_params
-from helpers import (TINY_PARAMS, artifact_files, assert_experiments_logged_like_the_workspace, make_project, run_queued,
-                     sh)
+from helpers import (POINTS_SQL, TINY_PARAMS, artifact_files, assert_experiments_logged_like_the_workspace, copy_project,
+                     make_project, metric_points, run_queued, sh)
 from mlflow.tracking import MlflowClient
 from servers import (auth_server, fault_server, listening_addresses, mlflow_server, postgres,  # noqa: F401 (fixtures)
                      team_servers)
@@ -105,16 +105,6 @@ def read_metrics(root, name):
     return json.loads((root / "metrics" / name).read_text())
 
 
-def copy_project(source: Path, target: Path) -> None:
-    """The project's files, git and DVC state, without its tracking state (journals, stores) or DVC's tmp/."""
-    def ignore(folder, names):
-        here = Path(folder)
-        skip = {".cvfp", "mlflow.db", "mlartifacts"} if here == source else set()
-        return (skip | ({"tmp"} if here == source / ".dvc" else set())) & set(names)
-
-    shutil.copytree(source, target, symlinks=True, ignore=ignore)
-
-
 @pytest.fixture(scope="module")
 def team_project(tmp_path_factory, mlflow_server):
     """The tiny project after one `dvc repro` logged to the plain PostgreSQL-backed server, committed."""
@@ -188,7 +178,7 @@ def test_artifacts_are_stored_by_the_server(team_project, mlflow_server):
 
 
 @pytest.mark.slow
-def test_queued_experiments_land_on_the_server(team_project, mlflow_server):
+def test_queued_experiments_land_on_the_server(team_project, mlflow_server, postgres):
     """Two queued experiments at once (`dvc queue start -j 2`): every run, param, metric point and artifact lands."""
     root, env = team_project.root, team_project.env
     start = time.monotonic()
@@ -209,7 +199,8 @@ def test_queued_experiments_land_on_the_server(team_project, mlflow_server):
            for name in names}
     assert sorted(map(tuple, lrs.values())) == [("0.0003",), ("0.01",)], lrs
 
-    logged_runs = assert_experiments_logged_like_the_workspace(client, found, names, stages)
+    points = metric_points(postgres.query("team", POINTS_SQL))  # the server's backend database, read directly
+    logged_runs = assert_experiments_logged_like_the_workspace(client, found, names, stages, points)
     totals = {"runs": len(logged_runs), "params": sum(len(logged["params"]) for logged in logged_runs),
               "metric points": sum(sum(logged["metrics"].values()) for logged in logged_runs),
               "artifacts": sum(len(logged["artifacts"]) for logged in logged_runs)}
