@@ -13,6 +13,10 @@ import sys
 from pathlib import Path
 
 
+SQLITE = "sqlite:///"  # MLflow's URI of a local store file
+STUDY_HELP = "collect DVC experiments (and their MLflow curves) into STUDY.md with plots"
+
+
 def _load(folder: Path, name: str) -> dict | None:
     path = folder / name
     return json.loads(path.read_text()) if path.is_file() else None
@@ -131,6 +135,8 @@ def ui_url(base: str, tracking: str) -> str:
     from cvfp.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV
 
     name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    if tracking.startswith(SQLITE) and not Path(tracking[len(SQLITE):]).is_file():  # a client would create it
+        raise SystemExit(f"no MLflow store {tracking[len(SQLITE):]}: run `dvc repro` first")
     experiment = MlflowClient(tracking_uri=tracking).get_experiment_by_name(name)
     if experiment is None:
         raise SystemExit(f"no experiment {name!r} in {tracking}: run `dvc repro` first")
@@ -169,17 +175,30 @@ def servers(stop: bool) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
-    from cvfp import generate, study  # light: their heavy imports happen inside their commands
+def _command(argv: list[str]) -> str | None:
+    """The subcommand `argv` names: its first word that is not an option (`cvfp` itself has only -h)."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    command = _command(argv)
     parser = argparse.ArgumentParser(prog="cvfp", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     show = commands.add_parser("report", help="print the results of the last pipeline run")
     show.add_argument("--metrics", default="metrics", type=Path, help="metrics folder (default: metrics)")
     show.add_argument("--params", default="params.yaml", type=Path)
+    # generate and study import torch and matplotlib with their modules (~4 s): only their own command loads them
     sample = commands.add_parser("generate", help="continue a prompt with the final CVFP model or a baseline")
-    generate.add_arguments(sample)
-    study.add_arguments(commands.add_parser("study", help=study.HELP))
+    gather = commands.add_parser("study", help=STUDY_HELP)
+    if command == "generate":
+        from cvfp.generate import add_arguments
+
+        add_arguments(sample)
+    elif command == "study":
+        from cvfp.study import add_arguments
+
+        add_arguments(gather)
     relog = commands.add_parser("log-runs", help="log the stages' journals to the tracking store "
                                                  "(MLFLOW_TRACKING_URI or mlflow.db), skipping what is there")
     relog.add_argument("--root", type=Path, default=None, help="workspace root (default: the project around cwd)")
@@ -199,8 +218,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "report":
         raise SystemExit(report(args.metrics, args.params))
     if args.command == "generate":
+        from cvfp import generate
+
         raise SystemExit(generate.run(args))
     if args.command == "study":
+        from cvfp import study
+
         raise SystemExit(study.run(args))
     if args.command == "log-runs":
         raise SystemExit(log_runs(args.root))

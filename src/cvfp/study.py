@@ -34,7 +34,6 @@ from cvfp.metrics import format_number, format_rate
 from cvfp.plots import DPI, FIGSIZE
 from cvfp.tracking import phase1_curve
 
-HELP = "collect DVC experiments (and their MLflow curves) into STUDY.md with plots"
 WORKSPACE = "workspace"  # DVC's name for the working tree, and the tracking tag of a plain `dvc repro`
 DEFAULT_PARAMS_FILE = "params.yaml"  # `dvc params diff` names its keys without the file
 CURVES = ("train.convergence_rate", "val.convergence_rate", "train.cvfp_loss", "val.cvfp_loss")
