@@ -52,6 +52,7 @@ class UI:
         self.children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == self.parent.info.run_id]
         self.stage_runs = {r.data.tags.get("cvfp.stage"): r for r in self.children}
         self._landing = None
+        self._pages = {}  # what several tests only read, opened once (each load costs ~5 s): closed by close()
 
     def route(self, *parts: str) -> str:
         return "/".join(["experiments", self.experiment_id, *parts])
@@ -68,6 +69,17 @@ class UI:
             self._landing = (view, shot)
         return self._landing
 
+    def shared(self, key, open_page):
+        """The page `open_page(self)` opens, opened once for every test that reads it (no test changes it)."""
+        if key not in self._pages:
+            self._pages[key] = open_page(self)
+        return self._pages[key]
+
+    def close(self):
+        for opened in self._pages.values():
+            page = opened[0] if isinstance(opened, tuple) else opened
+            page.context.close()
+
 
 @pytest.fixture(scope="module")
 def ui(browser_available, project, tmp_path_factory):
@@ -76,7 +88,11 @@ def ui(browser_available, project, tmp_path_factory):
     try:
         browser = Browser(server)
         try:
-            yield UI(root, server, browser)
+            shown = UI(root, server, browser)
+            try:
+                yield shown
+            finally:
+                shown.close()
         finally:
             browser.close()
     finally:
@@ -121,16 +137,13 @@ def test_chromium_and_playwright_are_installed():
 
 def test_experiment_lists_the_execution_and_its_stages(ui):
     assert sorted(ui.stage_runs) == sorted(STAGES), f"stage runs under the parent: {sorted(ui.stage_runs)}"
-    page, nested = open_runs_table(ui)
-    try:
-        assert run_name_shown(page, ui.parent.info.run_id) == ui.parent.info.run_name
-        shown = {run_name_shown(page, run.info.run_id): run for run in ui.children}
-        assert sorted(shown) == sorted(STAGES), f"stage rows shown under {ui.parent.info.run_name}: {sorted(shown)}"
-        print(f"runs table: {ui.parent.info.run_name} with {len(shown)} stage runs "
-              f"({'nested: shown after expanding the parent' if nested else 'shown without expanding'})")
-        ui.browser.screenshot(page, "runs-table-parent-expanded.png")
-    finally:
-        page.context.close()
+    page, nested = ui.shared("runs", open_runs_table)
+    assert run_name_shown(page, ui.parent.info.run_id) == ui.parent.info.run_name
+    shown = {run_name_shown(page, run.info.run_id): run for run in ui.children}
+    assert sorted(shown) == sorted(STAGES), f"stage rows shown under {ui.parent.info.run_name}: {sorted(shown)}"
+    print(f"runs table: {ui.parent.info.run_name} with {len(shown)} stage runs "
+          f"({'nested: shown after expanding the parent' if nested else 'shown without expanding'})")
+    ui.browser.screenshot(page, "runs-table-parent-expanded.png")
 
 
 def test_phase1_run_shows_effective_rank_and_convergence_charts(ui):
@@ -214,12 +227,9 @@ def test_parent_duration_spans_its_stages(ui):
     start = min(r.info.start_time for r in ui.children)
     end = max(r.info.end_time or 0 for r in ui.children)
     span = end - start
-    page, _ = open_runs_table(ui)
-    try:
-        shown = cell_text(page, ui.parent.info.run_id, DURATION_COL)
-        stages = {r.info.run_name: cell_text(page, r.info.run_id, DURATION_COL) for r in ui.children}
-    finally:
-        page.context.close()
+    page, _ = ui.shared("runs", open_runs_table)
+    shown = cell_text(page, ui.parent.info.run_id, DURATION_COL)
+    stages = {r.info.run_name: cell_text(page, r.info.run_id, DURATION_COL) for r in ui.children}
     print(f"Duration: parent {shown}, stages {stages}; stages span {format_duration(span)}")
     ms, rounding = parse_duration(shown)
     assert ms >= 0.98 * span - rounding, (
@@ -228,18 +238,15 @@ def test_parent_duration_spans_its_stages(ui):
 
 
 def test_dataset_column_is_filled(ui):
-    page, _ = open_runs_table(ui)
-    try:
-        for run in (ui.stage_runs["phase1"], ui.parent):
-            inputs = run.inputs.dataset_inputs if run.inputs else []
-            text = cell_text(page, run.info.run_id, DATASET_COL)
-            print(f"Dataset column of {run.info.run_name}: {text!r}")
-            assert inputs, f"run {run.info.run_name} has no dataset inputs in the store (client.log_inputs)"
-            first = inputs[0].dataset
-            assert f"{first.name} ({first.digest})" in text, (
-                f"Dataset cell of {run.info.run_name} is {text!r}; the store has {[d.dataset.name for d in inputs]}")
-    finally:
-        page.context.close()
+    page, _ = ui.shared("runs", open_runs_table)
+    for run in (ui.stage_runs["phase1"], ui.parent):
+        inputs = run.inputs.dataset_inputs if run.inputs else []
+        text = cell_text(page, run.info.run_id, DATASET_COL)
+        print(f"Dataset column of {run.info.run_name}: {text!r}")
+        assert inputs, f"run {run.info.run_name} has no dataset inputs in the store (client.log_inputs)"
+        first = inputs[0].dataset
+        assert f"{first.name} ({first.digest})" in text, (
+            f"Dataset cell of {run.info.run_name} is {text!r}; the store has {[d.dataset.name for d in inputs]}")
 
 
 def test_parent_shows_headline_metrics(ui):
