@@ -1,4 +1,6 @@
-"""The `cvfp` command line itself: a command imports only what it uses, and asking about a store creates none."""
+"""The `cvfp` command line itself: a command imports only what it uses, and asking about a store creates none.
+
+`cvfp ui`'s link on a real store is checked in a browser by tests/test_mlflow_ui.py."""
 
 import os
 import subprocess
@@ -37,3 +39,13 @@ def test_ui_link_without_a_store_is_an_error_and_creates_no_store(tmp_path):
     assert done.returncode == 1
     assert f"no MLflow store {tmp_path / 'mlflow.db'}: run `dvc repro` first" in done.stderr, done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ui_link_from_a_file_that_is_no_store_is_an_error(tmp_path):
+    (tmp_path / "mlflow.db").write_text("not a database\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["DVC_ROOT"] = str(tmp_path)
+    done = cli("ui", "--url-only", cwd=tmp_path, env=env)
+    assert done.returncode == 1
+    assert f"{tmp_path / 'mlflow.db'} is not a readable MLflow store" in done.stderr, done.stderr
+    assert (tmp_path / "mlflow.db").read_text() == "not a database\n"

@@ -130,17 +130,38 @@ def ui_url(base: str, tracking: str) -> str:
     `workflowType`, else what this browser chose last, else GenAI), not from the experiment's
     `mlflow.experimentKind` tag: the link says `machine_learning`, so it opens on the runs.
     """
-    from mlflow.tracking import MlflowClient
-
     from cvfp.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV
 
     name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
-    if tracking.startswith(SQLITE) and not Path(tracking[len(SQLITE):]).is_file():  # a client would create it
-        raise SystemExit(f"no MLflow store {tracking[len(SQLITE):]}: run `dvc repro` first")
-    experiment = MlflowClient(tracking_uri=tracking).get_experiment_by_name(name)
-    if experiment is None:
+    if tracking.startswith(SQLITE):
+        experiment_id = _sqlite_experiment_id(Path(tracking[len(SQLITE):]), name)
+    else:
+        from mlflow.tracking import MlflowClient
+
+        experiment = MlflowClient(tracking_uri=tracking).get_experiment_by_name(name)
+        experiment_id = None if experiment is None else experiment.experiment_id
+    if experiment_id is None:
         raise SystemExit(f"no experiment {name!r} in {tracking}: run `dvc repro` first")
-    return f"{base.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs?{UI_VIEW}"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{UI_VIEW}"
+
+
+def _sqlite_experiment_id(path: Path, name: str) -> str | None:
+    """The id of the active experiment `name` in MLflow's sqlite store at `path`, read-only with sqlite3.
+
+    MLflow's client would first import its SQLAlchemy store and check the schema (about 7 s on 2 cores) and
+    would create a missing file; the `experiments` table (id, name, lifecycle_stage) is MLflow's since 1.0."""
+    import sqlite3
+    from contextlib import closing
+
+    if not path.is_file():
+        raise SystemExit(f"no MLflow store {path}: run `dvc repro` first")
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as store:
+            row = store.execute("select experiment_id from experiments where name = ? and lifecycle_stage = 'active'",
+                                (name,)).fetchone()
+    except sqlite3.Error as err:
+        raise SystemExit(f"{path} is not a readable MLflow store: {err}") from None
+    return None if row is None else str(row[0])
 
 
 def ui(host: str, port: int, url_only: bool) -> int:
