@@ -52,7 +52,7 @@ class UI:
         self.children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == self.parent.info.run_id]
         self.stage_runs = {r.data.tags.get("cvfp.stage"): r for r in self.children}
         self._landing = None
-        self._pages = {}  # what several tests only read, opened once (each load costs ~5 s): closed by close()
+        self._runs_table = None
 
     def route(self, *parts: str) -> str:
         return "/".join(["experiments", self.experiment_id, *parts])
@@ -69,16 +69,15 @@ class UI:
             self._landing = (view, shot)
         return self._landing
 
-    def shared(self, key, open_page):
-        """The page `open_page(self)` opens, opened once for every test that reads it (no test changes it)."""
-        if key not in self._pages:
-            self._pages[key] = open_page(self)
-        return self._pages[key]
+    def runs_table(self):
+        """open_runs_table's (page, nested), opened once for the tests that only read it (a load costs ~5 s)."""
+        if self._runs_table is None:
+            self._runs_table = open_runs_table(self)
+        return self._runs_table
 
     def close(self):
-        for opened in self._pages.values():
-            page = opened[0] if isinstance(opened, tuple) else opened
-            page.context.close()
+        if self._runs_table is not None:
+            self._runs_table[0].context.close()
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +136,7 @@ def test_chromium_and_playwright_are_installed():
 
 def test_experiment_lists_the_execution_and_its_stages(ui):
     assert sorted(ui.stage_runs) == sorted(STAGES), f"stage runs under the parent: {sorted(ui.stage_runs)}"
-    page, nested = ui.shared("runs", open_runs_table)
+    page, nested = ui.runs_table()
     assert run_name_shown(page, ui.parent.info.run_id) == ui.parent.info.run_name
     shown = {run_name_shown(page, run.info.run_id): run for run in ui.children}
     assert sorted(shown) == sorted(STAGES), f"stage rows shown under {ui.parent.info.run_name}: {sorted(shown)}"
@@ -227,7 +226,7 @@ def test_parent_duration_spans_its_stages(ui):
     start = min(r.info.start_time for r in ui.children)
     end = max(r.info.end_time or 0 for r in ui.children)
     span = end - start
-    page, _ = ui.shared("runs", open_runs_table)
+    page, _ = ui.runs_table()
     shown = cell_text(page, ui.parent.info.run_id, DURATION_COL)
     stages = {r.info.run_name: cell_text(page, r.info.run_id, DURATION_COL) for r in ui.children}
     print(f"Duration: parent {shown}, stages {stages}; stages span {format_duration(span)}")
@@ -238,7 +237,7 @@ def test_parent_duration_spans_its_stages(ui):
 
 
 def test_dataset_column_is_filled(ui):
-    page, _ = ui.shared("runs", open_runs_table)
+    page, _ = ui.runs_table()
     for run in (ui.stage_runs["phase1"], ui.parent):
         inputs = run.inputs.dataset_inputs if run.inputs else []
         text = cell_text(page, run.info.run_id, DATASET_COL)
