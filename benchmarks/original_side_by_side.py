@@ -68,6 +68,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from cvfp.metrics import format_rank, format_rate  # noqa: E402
 from cvfp.params import read_yaml, validate  # noqa: E402
 
 STARTED = time.perf_counter()
@@ -430,14 +431,6 @@ def effective_ranks(orig, contexts: torch.Tensor, params, original_rows: int) ->
             "original_analyze_fixed_points_first_rows": verbatim, "original_analyze_fixed_points_rows": rows}
 
 
-def fmt_rank(value: float, dim: int) -> str:
-    return f"{value:.2f}/{dim} ({100.0 * value / dim:.1f}%)"
-
-
-def fmt_rate(count: int, total: int) -> str:
-    return f"{100.0 * count / max(total, 1):.1f}% ({count}/{total})"
-
-
 def part_compare(args, params, orig, tokens, device, out: dict, save: Callable[[], None]) -> None:
     from cvfp import fast
     from cvfp.cstar import generate_cstar
@@ -526,8 +519,8 @@ def part_compare(args, params, orig, tokens, device, out: dict, save: Callable[[
     summary = result.summary["train"]
     ours["phase1_convergence"] = {"converged": summary.get("converged_tokens"), "tokens": summary["tokens"]}
     ours["phase1_effective_rank"] = effective_ranks(orig, contexts_ours, params, args.original_metric_rows)
-    log(f"ours: Phase 1 train effective rank {fmt_rank(ours['phase1_effective_rank']['pipeline_metric'], model.context_dim)}"
-        f", convergence {fmt_rate(summary.get('converged_tokens', 0), summary['tokens'])}")
+    log(f"ours: Phase 1 train effective rank {format_rank(ours['phase1_effective_rank']['pipeline_metric'], model.context_dim)}"
+        f", convergence {format_rate(summary.get('converged_tokens', 0), summary['tokens'])}")
 
     cstar_times = []
     for label in ("cold", "warm"):
@@ -600,8 +593,8 @@ def part_compare(args, params, orig, tokens, device, out: dict, save: Callable[[
     theirs["phase1_convergence"] = {"converged": last["converged"], "tokens": last["tokens"]}
     theirs["phase1_effective_rank"] = effective_ranks(orig, contexts_orig, params, args.original_metric_rows)
     log(f"original: Phase 1 {sec:.1f} s; effective rank "
-        f"{fmt_rank(theirs['phase1_effective_rank']['pipeline_metric'], contexts_orig.shape[1])}"
-        f" (pipeline metric), convergence {fmt_rate(last['converged'] or 0, last['tokens'])}")
+        f"{format_rank(theirs['phase1_effective_rank']['pipeline_metric'], contexts_orig.shape[1])}"
+        f" (pipeline metric), convergence {format_rate(last['converged'] or 0, last['tokens'])}")
     del contexts_orig
     save()
 
@@ -647,11 +640,11 @@ def part_compare(args, params, orig, tokens, device, out: dict, save: Callable[[
                      f"{theirs_s / cold:.1f}x |")
     lines += ["", "| Phase 1, train, last iteration | ours | original |", "|---|---|---|",
               f"| effective rank, pipeline metric ({u_rank['pipeline_metric_rows']} sampled rows) | "
-              f"{fmt_rank(u_rank['pipeline_metric'], dim)} | {fmt_rank(o_rank['pipeline_metric'], dim)} |",
+              f"{format_rank(u_rank['pipeline_metric'], dim)} | {format_rank(o_rank['pipeline_metric'], dim)} |",
               f"| effective rank, original formula (all {u_rank['rows']} rows) | "
-              f"{fmt_rank(u_rank['original_formula_all_rows'], dim)} | {fmt_rank(o_rank['original_formula_all_rows'], dim)} |",
-              f"| convergence (mean sq. change < {p1.convergence_threshold:g}) | {fmt_rate(uc['converged'] or 0, uc['tokens'])}"
-              f" | {fmt_rate(oc['converged'] or 0, oc['tokens'])} |"]
+              f"{format_rank(u_rank['original_formula_all_rows'], dim)} | {format_rank(o_rank['original_formula_all_rows'], dim)} |",
+              f"| convergence (mean sq. change < {p1.convergence_threshold:g}) | {format_rate(uc['converged'] or 0, uc['tokens'])}"
+              f" | {format_rate(oc['converged'] or 0, oc['tokens'])} |"]
     res["table"] = "\n".join(lines)
 
 

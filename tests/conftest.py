@@ -100,7 +100,7 @@ def project(reproduced):
 # A worker is handed whole groups, in the order they first appear: every test of a module is one group, so that a
 # module's fixtures are built once, and every test that uses the shared tiny run (`reproduced`) is one group, so
 # that the run is made once. The groups are ordered longest first (the order of HEAVY, measured serially with
-# --durations in session 8: shared 330 s, team_tracking 150 s, distributed 100 s ...), so that the short ones fill
+# --durations in session 8: shared ~360 s, team_tracking 151 s, distributed ~70 s ...), so that the short ones fill
 # in at the end instead of one long group starting last.
 SHARED = "reproduced"
 HEAVY = [SHARED, "test_team_tracking.py", "test_distributed.py", "test_warm.py", "test_benchmarks.py",
@@ -109,13 +109,11 @@ HEAVY = [SHARED, "test_team_tracking.py", "test_distributed.py", "test_warm.py",
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the test ids
 def pytest_collection_modifyitems(config, items):
-    def group(item):
-        return SHARED if "reproduced" in item.fixturenames else item.path.name
-
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
+    groups = {item: SHARED if "reproduced" in item.fixturenames else item.path.name for item in items}
+    for item, group in groups.items():
+        item.add_marker(pytest.mark.xdist_group(group))
     rank = {name: i for i, name in enumerate(HEAVY)}
-    items.sort(key=lambda item: rank.get(group(item), len(HEAVY)))  # stable: a group keeps its tests' order
+    items.sort(key=lambda item: rank.get(groups[item], len(HEAVY)))  # stable: a group keeps its tests' order
 
 
 def pytest_sessionstart(session):
